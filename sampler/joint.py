@@ -1,0 +1,93 @@
+"""The joint sampler (DESIGN 1.1): one decoder layer of the backbone's own type on top of the frozen
+backbone, run after each sampled token so later tokens see earlier ones.
+
+    h' = h + RMSNorm(Block(Linear(RMSNorm(e) ++ RMSNorm(h))))  ->  frozen LM head
+
+The output norm's weight starts at zero, so an untrained sampler is exactly the marginal baseline.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from sampler.backbone import Backbone
+from sampler.model import Block, Context, ModelArgs, RMSNorm
+
+SAMPLER_WEIGHTS = "sampler.safetensors"
+SAMPLER_CONFIG = "sampler.json"
+
+
+class SamplerMismatchError(ValueError):
+    """A sampler used with a backbone other than the one it was trained for."""
+
+
+class JointSampler(nn.Module):
+    def __init__(self, args: ModelArgs, *, backbone_identity: str = "", backbone_name: str = ""):
+        super().__init__()
+        self.args = replace(args, n_layers=1, causal=False)
+        self.backbone_identity = backbone_identity
+        self.backbone_name = backbone_name
+        d = args.dim
+        self.norm_e = RMSNorm(d, args.norm_eps)
+        self.norm_h = RMSNorm(d, args.norm_eps)
+        self.proj = nn.Linear(2 * d, d, bias=False)
+        self.block = Block(self.args)
+        self.norm_out = RMSNorm(d, args.norm_eps)
+        nn.init.zeros_(self.norm_out.weight)
+
+    @classmethod
+    def for_backbone(cls, backbone: Backbone, seed: int | None = None) -> JointSampler:
+        if seed is not None:
+            torch.manual_seed(seed)
+        s = cls(backbone.args, backbone_identity=backbone.identity, backbone_name=backbone.name)
+        return s.to(device=backbone.device)
+
+    def forward(self, e: Tensor, h: Tensor, ctx: Context) -> Tensor:
+        """One sampler step: embeddings of the current tokens and the previous hidden state -> new
+        hidden state in the backbone's hidden space (read out by `Backbone.logits`)."""
+        x = self.proj(torch.cat([self.norm_e(e), self.norm_h(h)], dim=-1))
+        return h + self.norm_out(self.block(x, ctx))
+
+    def check_backbone(self, backbone: Backbone) -> None:
+        if self.backbone_identity and backbone.identity and self.backbone_identity != backbone.identity:
+            raise SamplerMismatchError(
+                f"sampler was trained for backbone {self.backbone_name!r} ({self.backbone_identity}), "
+                f"not {backbone.name!r} ({backbone.identity})")
+        if self.args.dim != backbone.args.dim:
+            raise SamplerMismatchError(f"sampler hidden size {self.args.dim} != backbone's "
+                                       f"{backbone.args.dim}")
+
+    def save(self, path: str | Path, extra: dict | None = None) -> Path:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(sd, str(path / SAMPLER_WEIGHTS), metadata={"format": "pt"})
+        cfg = {"args": self.args.to_dict(), "backbone_identity": self.backbone_identity,
+               "backbone_name": self.backbone_name, **(extra or {})}
+        (path / SAMPLER_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, backbone: Backbone | None = None) -> JointSampler:
+        """Load a saved sampler; with `backbone`, refuse one trained for another backbone."""
+        path = Path(path)
+        for f in (SAMPLER_CONFIG, SAMPLER_WEIGHTS):
+            if not (path / f).exists():
+                raise FileNotFoundError(f"{path}: missing {f} (not a sampler directory)")
+        cfg = json.loads((path / SAMPLER_CONFIG).read_text())
+        s = cls(ModelArgs(**cfg["args"]), backbone_identity=cfg.get("backbone_identity", ""),
+                backbone_name=cfg.get("backbone_name", ""))
+        sd = load_file(str(path / SAMPLER_WEIGHTS))
+        missing, unexpected = s.load_state_dict(sd, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{path / SAMPLER_WEIGHTS}: missing {missing}, unexpected {unexpected}")
+        if backbone is not None:
+            s.check_backbone(backbone)
+            s = s.to(device=backbone.device, dtype=backbone.dtype)
+        return s.eval().requires_grad_(False)
