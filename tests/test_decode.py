@@ -1,0 +1,156 @@
+"""Decoding: exact against a naive re-implementation, joint's bookkeeping against an oracle sampler."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from sampler import JointSampler, encode_prompts, generate
+from sampler.decode import process_logits
+
+
+def naive_greedy(bb, prompt: list[int], gen_length: int) -> tuple[list[int], list[int]]:
+    """One token per pass, lowest entropy first, argmax token: written out with no batching."""
+    x = torch.tensor([prompt + [bb.mask_id] * gen_length])
+    order = []
+    for _ in range(gen_length):
+        with torch.no_grad():
+            logits = bb(x)[1][0].float()
+        logits[:, bb.mask_id] = float("-inf")
+        p = torch.softmax(logits, -1)
+        ent = -(p * torch.log(p.clamp_min(1e-30))).sum(-1)
+        masked = [i for i in range(len(prompt), x.shape[1]) if x[0, i] == bb.mask_id]
+        best = min(masked, key=lambda i: ent[i].item())
+        x[0, best] = logits[best].argmax()
+        order.append(best - len(prompt))
+    return x[0, len(prompt):].tolist(), order
+
+
+class OracleSampler(nn.Module):
+    """Test double: 'sampling' with the backbone itself re-run on the updated sequence, i.e. exact."""
+
+    def __init__(self, bb):
+        super().__init__()
+        self.bb = bb
+
+    def check_backbone(self, backbone) -> None:
+        assert backbone is self.bb
+
+    def forward(self, e, h, ctx):
+        x = e
+        for layer in self.bb.model.layers:
+            x = layer(x, ctx)
+        return self.bb.model.norm(x)
+
+
+def test_exact_greedy_equals_naive_one_by_one(toy):
+    prompts = encode_prompts(toy, ["The quick brown", "San"])
+    r = generate(toy, prompts, mode="exact", gen_length=10, temperature=0)
+    again = generate(toy, prompts, mode="exact", gen_length=10, temperature=0, seed=123)
+    assert r.tokens == again.tokens and r.order == again.order  # deterministic, seed irrelevant
+    for b, p in enumerate(prompts):  # row 1 is left-padded in the batch: padding must not matter
+        tokens, order = naive_greedy(toy, p, 10)
+        assert r.tokens[b] == tokens and r.order[b] == order
+    assert r.full_passes == 10 and r.sampler_passes == 0 and r.tokens_per_pass == 1.0
+
+
+@pytest.mark.parametrize("policy", ["entropy", "confidence", "margin"])
+def test_joint_with_oracle_sampler_reproduces_exact(toy, policy):
+    prompts = encode_prompts(toy, ["A journey of", "To be, or not", "Name"])
+    exact = generate(toy, prompts, mode="exact", gen_length=12, temperature=0, policy=policy)
+    joint = generate(toy, prompts, sampler=OracleSampler(toy), mode="joint", k=4, gen_length=12,
+                     temperature=0, policy=policy)
+    assert joint.tokens == exact.tokens and joint.order == exact.order
+    assert joint.full_passes == 3 and joint.sampler_passes == 9 and joint.tokens_per_pass == 4.0
+
+
+def test_marginal_uses_one_pass_for_k_tokens(toy):
+    prompts = encode_prompts(toy, n=4)
+    r = generate(toy, prompts, mode="marginal", k=4, gen_length=10, seed=0)
+    assert r.full_passes == 3  # 4 + 4 + 2
+    for row, order in zip(r.tokens, r.order, strict=True):
+        assert sorted(order) == list(range(10)) and toy.mask_id not in row
+
+
+def test_untrained_sampler_equals_marginal(toy):
+    """The sampler's output norm starts at zero: untrained joint decoding is the marginal baseline."""
+    prompts = encode_prompts(toy, n=3)
+    s = JointSampler.for_backbone(toy, seed=0)
+    a = generate(toy, prompts, mode="marginal", k=3, gen_length=9, seed=5)
+    b = generate(toy, prompts, sampler=s, mode="joint", k=3, gen_length=9, seed=5)
+    assert a.tokens == b.tokens and b.sampler_passes == 6
+
+
+def test_sampling_is_seeded(toy):
+    prompts = encode_prompts(toy, n=4)
+    a = generate(toy, prompts, gen_length=8, seed=1)
+    b = generate(toy, prompts, gen_length=8, seed=1)
+    c = generate(toy, prompts, gen_length=8, seed=2)
+    assert a.tokens == b.tokens and a.tokens != c.tokens
+
+
+def test_blocks_fill_left_to_right(toy):
+    r = generate(toy, encode_prompts(toy, n=2), gen_length=12, block_length=4, seed=0)
+    for order in r.order:
+        assert sorted(order[:4]) == [0, 1, 2, 3] and sorted(order[4:8]) == [4, 5, 6, 7]
+
+
+def test_stop_at_eos_fills_the_rest(toy):
+    # an LM head with a large EOS bias makes EOS the likeliest token everywhere
+    old_head = toy.model.lm_head
+    head = nn.Linear(old_head.in_features, old_head.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(old_head.weight)
+        head.bias.zero_()
+        head.bias[toy.eos_id] = 1e4
+    toy.model.lm_head = head
+    try:
+        r = generate(toy, encode_prompts(toy, n=2), gen_length=8, stop_at_eos=True, temperature=0,
+                     policy="random", seed=3)
+    finally:
+        toy.model.lm_head = old_head
+    for row, order in zip(r.tokens, r.order, strict=True):
+        first = row.index(toy.eos_id)
+        assert all(t == toy.eos_id for t in row[first:])
+        assert len(order) < 8 and r.full_passes < 8
+        assert order[-1] == first  # the EOS was the last decoded token of its row
+    assert r.text == ["", ""]
+
+
+def test_top_p_keeps_the_nucleus():
+    logits = torch.log(torch.tensor([[[0.5, 0.3, 0.15, 0.05]]]))
+    p = process_logits(logits, 1.0, 0.7)
+    assert torch.allclose(p, torch.tensor([[[0.625, 0.375, 0.0, 0.0]]]))
+    assert torch.allclose(process_logits(logits, 1.0, 1.0), logits.exp())
+
+
+def test_bad_arguments_raise_clear_errors(toy, tmp_path):
+    p = encode_prompts(toy, n=1)
+    s = JointSampler.for_backbone(toy)
+    cases = [
+        (dict(mode="joint", k=2), "needs a sampler"),
+        (dict(mode="marginal", k=0), "k .* >= 1"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(temperature=-0.1), "temperature"),
+        (dict(mode="fast"), "mode must be"),
+        (dict(policy="best"), "policy must be"),
+        (dict(gen_length=toy.args.max_seq_len), "exceeds the context"),
+    ]
+    for kwargs, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            generate(toy, p, **kwargs)
+    with pytest.raises(ValueError, match="empty"):
+        generate(toy, [[]])
+    other = JointSampler(toy.args, backbone_identity="0123456789abcdef", backbone_name="other")
+    with pytest.raises(ValueError, match="trained for backbone 'other'"):
+        generate(toy, p, sampler=other, mode="joint", k=2)
+    # and on load: a saved sampler for another backbone is refused
+    other.save(tmp_path / "s")
+    with pytest.raises(ValueError, match="trained for backbone"):
+        JointSampler.load(tmp_path / "s", toy)
+    s.save(tmp_path / "ok")
+    loaded = JointSampler.load(tmp_path / "ok", toy)
+    for a, b in zip(loaded.state_dict().values(), s.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
