@@ -230,7 +230,7 @@ def encode_prompts(backbone: Backbone, texts: Sequence[str] | None = None, *, n:
         if chat:
             ids = tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
                                           tokenize=True)
-            ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+            ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # BatchEncoding is no dict
         else:
             ids = tok(t, add_special_tokens=False)["input_ids"]
             if backbone.bos_id is not None and (not ids or ids[0] != backbone.bos_id):
