@@ -175,9 +175,10 @@ def generate(
         full_passes += 1
         logits = candidate_logits(backbone, h, cand + P)  # LM head only where a token can be chosen
         probs = process_logits(logits, temperature, top_p)
+        scores = position_scores(probs, policy, rng)
         for j in range(min(k, M)):
             go = valid.any(1)
-            score = position_scores(probs, policy, rng).masked_fill(~valid, float("-inf"))
+            score = scores.masked_fill(~valid, float("-inf"))
             pick = score.argmax(1)  # [B]
             if temperature == 0:
                 token = logits[rows, pick].argmax(-1)
@@ -199,6 +200,7 @@ def generate(
                 sampler_passes += 1
                 logits = candidate_logits(backbone, h, cand + P)
                 probs = process_logits(logits, temperature, top_p)
+                scores = position_scores(probs, policy, rng)
         if on_step is not None:
             on_step(gen.detach().cpu())
 
