@@ -55,8 +55,9 @@ def test_outputs_counters_and_bad_rows(toy, ray_cluster, tmp_path):
              json.dumps({"prompt": 3}), json.dumps({"other": "x"})]
     lines += [json.dumps({"prompt": f"Name {i}"}) for i in range(7)]
     src = write_jsonl(tmp_path / "prompts.jsonl", lines)
-    res = run_generate({"backbone": str(bb), "sampler": str(samp), "prompts": str(src), "out": str(tmp_path / "o"),
-                        "mode": "joint", "k": 4, "gen_length": 8, "batch_size": 4, "progress": False})
+    res = run_generate({"backbone": str(bb), "sampler": str(samp), "prompts": str(src),
+                        "out": str(tmp_path / "o"), "mode": "joint", "k": 4, "gen_length": 8, "batch_size": 4,
+                        "progress": False})
     assert [e["row"] for e in res["errors"]] == [1, 3, 4]
     assert "not valid JSON" in res["errors"][0]["error"] and "must be a string" in res["errors"][1]["error"]
     assert res["rows"] == 9 and res["new_rows"] == 9
@@ -78,8 +79,9 @@ def test_outputs_counters_and_bad_rows(toy, ray_cluster, tmp_path):
 
 def test_parquet_prompts_and_unconditional(toy, ray_cluster, tmp_path):
     bb, _ = toy
-    pq.write_table(pa.table({"id": ["a", "b", "c"], "prompt": ["The quick", None, "San"]}), tmp_path / "p.parquet")
-    res = run_generate({"backbone": str(bb), "prompts": str(tmp_path / "p.parquet"), "out": str(tmp_path / "o"),
+    src = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"id": ["a", "b", "c"], "prompt": ["The quick", None, "San"]}), src)
+    res = run_generate({"backbone": str(bb), "prompts": str(src), "out": str(tmp_path / "o"),
                         "mode": "marginal", "k": 2, "gen_length": 6, "progress": False})
     assert [e["prompt_id"] for e in res["errors"]] == ["b"] and res["rows"] == 2
     res = run_generate({"backbone": str(bb), "num_samples": 5, "out": str(tmp_path / "u"), "mode": "exact",
@@ -99,7 +101,8 @@ def test_resume_after_killed_run(toy, ray_cluster, tmp_path):
     src = write_jsonl(tmp_path / "prompts.jsonl", lines)
     out = tmp_path / "o"
     args = ["--prompts", str(src), "--out", str(out), "--backbone", str(bb), "--mode", "exact",
-            "--gen-length", "48", "--address", ray_cluster, "--set", "batch_size=2", "--set", "progress=false"]
+            "--gen-length", "48", "--address", ray_cluster, "--set", "batch_size=2",
+            "--set", "progress=false"]
     proc = subprocess.Popen([sys.executable, "-m", "ray_jobs.cli", "generate", *args], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
