@@ -1,0 +1,492 @@
+"""Train job: fit the joint sampler on teacher shards with Ray Train (DESIGN 1.3).
+
+    jointgen train --config configs/train.yaml --data runs/teacher --out runs/train --workers 2 --steps 2000
+
+Interface (stable):
+- `run_train(config: dict) -> dict`. `config` holds any keys of `DEFAULTS` (the keys of configs/train.yaml);
+  missing keys take the defaults. Returns: sampler_dir (`<out>/sampler`, loadable by `JointSampler.load`),
+  checkpoint (the latest Ray Train checkpoint dir), metrics (the last reported: loss, kl_marginal, lr,
+  grad_norm, val/..., step, start_step), depth_metrics ({K: {kl_sampler, kl_marginal, top1_sampler,
+  top1_marginal, positions}} of the last validation), start_step, steps, wall_s, metrics_jsonl, out.
+- `main(argv) -> int` for `jointgen train`.
+
+What runs: a `TorchTrainer` with `workers` workers (DDP over gloo on CPU, NCCL on GPUs). Each worker loads
+the frozen backbone (inference only, no gradients) and reads the teacher shards listed in the manifest
+(checksums and backbone identity checked; a bad shard stops the run naming it). Trajectories are split
+by a hash of traj_id into a held-out set (`val_fraction`) and a training set; each worker trains on every
+`world_size`-th training trajectory. A step draws `batch_size / workers` windows per worker (K from
+1..k_max, `k_weighting`), computes `sampler.joint_loss` and updates the sampler (wrapped in DDP, the only
+trainable module) with AdamW, linear warm-up then a constant rate, gradient clipping, bf16 autocast on
+GPU only.
+
+Checkpoints every `checkpoint_every` steps (and at the end) through `ray.train.report`: the sampler as
+safetensors (`JointSampler.save`: the directory loads with `JointSampler.load`), `train_state.pt`
+(optimizer + scheduler state + step; our own file, read with weights_only=True). A worker that dies is
+restarted by Ray Train from the latest checkpoint (`max_failures`); rerunning the same command (same
+`out` and `run_name`) resumes from it too, the step continuing. Validation (`val_every`, rank 0):
+`sampler.depth_metrics` per unroll depth, sampler vs the marginal baseline. Metrics go to
+`<out>/metrics.jsonl` and, on world rank 0 only, to wandb (`WANDB_MODE=offline` unless `wandb: online`;
+`wandb: disabled` turns it off). The final sampler is exported to `<out>/sampler`.
+On a multi-node cluster `out` must be on storage all nodes share (NFS, /mnt/cluster_storage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ray_jobs.common import (
+    add_config_args,
+    init_ray,
+    load_config,
+    manifest_shards,
+    merge_config,
+    read_manifest,
+    write_json_atomic,
+)
+from sampler.schema import ShardError
+
+DEFAULTS: dict[str, Any] = {
+    "data": "runs/teacher",  # teacher output directory (manifest.json + shards)
+    "backbone": None,  # null = the backbone recorded in the teacher manifest (the embedded one if none)
+    "dtype": None,  # null = float32 on CPU, bfloat16 on GPU
+    "out": "runs/train",
+    "run_name": "train",  # Ray Train run name; the same out + run_name resumes
+    "workers": 2,
+    "cpus_per_worker": 0.5,  # fractional on small machines; GPUs: one per worker when use_gpu
+    "use_gpu": None,  # null = when the cluster has GPUs
+    "torch_threads": None,  # null = 1 per worker on CPU
+    "steps": 2000,
+    "batch_size": 32,  # global windows per step (split across workers)
+    "k_max": 7,  # largest unroll depth K
+    "k_weighting": "inverse",  # inverse (P(K) ~ 1/K) | uniform
+    "lr": 5.0e-5,
+    "warmup_steps": 250,  # linear warm-up, then constant
+    "weight_decay": 0.0,
+    "adam_betas": [0.9, 0.999],
+    "grad_clip": 1.0,
+    "bf16": None,  # null = bf16 autocast on GPU, off on CPU
+    "val_fraction": 0.05,  # held-out trajectories (by traj_id hash)
+    "val_every": 250,
+    "val_windows_per_depth": 64,
+    "val_k_max": None,  # null = k_max
+    "checkpoint_every": 250,
+    "keep_checkpoints": 2,
+    "max_failures": 2,  # worker failures recovered from the latest checkpoint
+    "log_every": 10,
+    "seed": 0,
+    "wandb": "offline",  # offline | online | disabled
+    "wandb_project": "jointgen",
+    "ray_address": None,  # null = RAY_ADDRESS or a local cluster
+    "ray_num_cpus": None,
+    "progress": True,
+    "fail_at_step": None,  # fault injection: the last rank kills its own process here (fresh runs only)
+}
+WEIGHTS = ("inverse", "uniform")
+TRAIN_STATE = "train_state.pt"
+
+
+def check_config(cfg: dict[str, Any]) -> None:
+    for key in ("workers", "steps", "batch_size", "k_max", "val_every", "checkpoint_every", "log_every",
+                "val_windows_per_depth", "keep_checkpoints"):
+        v = cfg[key]
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"train: {key} must be an integer >= 1, got {v!r}")
+    if cfg["batch_size"] < cfg["workers"]:
+        raise ValueError(f"train: batch_size {cfg['batch_size']} is smaller than workers {cfg['workers']}")
+    if cfg["k_weighting"] not in WEIGHTS:
+        raise ValueError(f"train: k_weighting must be one of {WEIGHTS}, got {cfg['k_weighting']!r}")
+    if not float(cfg["lr"]) > 0:
+        raise ValueError(f"train: lr must be > 0, got {cfg['lr']!r}")
+    if not 0.0 <= float(cfg["val_fraction"]) < 1.0:
+        raise ValueError(f"train: val_fraction must be in [0, 1), got {cfg['val_fraction']!r}")
+    if cfg["wandb"] not in ("offline", "online", "disabled"):
+        raise ValueError(f"train: wandb must be offline, online or disabled, got {cfg['wandb']!r}")
+    if int(cfg["warmup_steps"]) < 0 or float(cfg["grad_clip"]) <= 0:
+        raise ValueError("train: warmup_steps must be >= 0 and grad_clip > 0")
+
+
+def is_heldout(traj_id: int, fraction: float) -> bool:
+    """Stable split by a hash of traj_id: the same trajectories are held out in every run."""
+    h = int.from_bytes(hashlib.blake2b(str(int(traj_id)).encode(), digest_size=8).digest(), "little")
+    return (h % 1_000_000) < fraction * 1_000_000
+
+
+def load_split(data: str, identity: str, fraction: float, rank: int, world: int) -> tuple[list, list]:
+    """(this rank's training trajectories, all held-out trajectories) from the manifest's shards."""
+    from sampler.schema import read_trajectories
+
+    train, val = [], []
+    for path, _ in manifest_shards(data):
+        trajs, _meta = read_trajectories(path, backbone_identity=identity)
+        for t in trajs:
+            (val if is_heldout(t.traj_id, fraction) else train).append(t)
+    train.sort(key=lambda t: t.traj_id)
+    if not train:
+        raise ValueError(f"{data}: no training trajectories (val_fraction {fraction} holds out all)")
+    mine = train[rank::world] if len(train) >= world else train
+    return mine, val
+
+
+def lr_factor(step: int, warmup: int) -> float:
+    return min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# The per-worker loop
+# ---------------------------------------------------------------------------------------------
+
+
+class RunLog:
+    """metrics.jsonl and wandb, on world rank 0 only."""
+
+    def __init__(self, cfg: dict[str, Any], rank: int):
+        self.active = rank == 0
+        self.wandb = None
+        if not self.active:
+            return
+        out = Path(cfg["_out"])
+        out.mkdir(parents=True, exist_ok=True)
+        self.fh = open(out / "metrics.jsonl", "a")
+        if cfg["wandb"] != "disabled":
+            os.environ["WANDB_MODE"] = cfg["wandb"]
+            os.environ.setdefault("WANDB_SILENT", "true")
+            import wandb
+
+            run_id = hashlib.sha256(f"{out}:{cfg['run_name']}".encode()).hexdigest()[:12]
+            self.wandb = wandb.init(project=cfg["wandb_project"], name=cfg["run_name"], id=run_id,
+                                    resume="allow", dir=str(out),
+                                    config={k: v for k, v in cfg.items() if not k.startswith("_")})
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        if not self.active:
+            return
+        self.fh.write(json.dumps(metrics) + "\n")
+        self.fh.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                           step=int(metrics["step"]))
+
+    def close(self) -> None:
+        if self.active:
+            self.fh.close()
+            if self.wandb is not None:
+                self.wandb.finish()
+
+
+def flat_depth(depth: dict[int, dict]) -> dict[str, float]:
+    """Validation metrics as flat keys (val/kl_sampler/K3 ...) plus means over depths."""
+    out: dict[str, float] = {}
+    for k, m in depth.items():
+        for name, v in m.items():
+            out[f"val/{name}/K{k}"] = float(v)
+    for name in ("kl_sampler", "kl_marginal", "top1_sampler", "top1_marginal"):
+        vals = [m[name] for m in depth.values()]
+        if vals:
+            out[f"val/{name}"] = float(sum(vals) / len(vals))
+    return out
+
+
+def unflat_depth(metrics: dict[str, Any]) -> dict[int, dict[str, float]]:
+    """{K: {kl_sampler, kl_marginal, top1_sampler, top1_marginal, positions}} back from the flat keys."""
+    depth: dict[int, dict[str, float]] = {}
+    for key, v in metrics.items():
+        parts = key.split("/")
+        if len(parts) == 3 and parts[0] == "val" and parts[2].startswith("K"):
+            depth.setdefault(int(parts[2][1:]), {})[parts[1]] = v
+    return dict(sorted(depth.items()))
+
+
+def train_loop(cfg: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker."""
+    import tempfile
+
+    import numpy as np
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.distributed as dist
+    from safetensors.torch import load_file
+
+    from sampler import JointSampler, depth_metrics, joint_loss, load_backbone, sample_windows
+    from sampler.joint import SAMPLER_WEIGHTS
+    from sampler.trajectory import WindowBatch
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(cfg["torch_threads"] or 1)
+    bf16 = bool(cfg["_bf16"]) and device.type == "cuda"
+    dtype = getattr(torch, cfg["dtype"]) if cfg["dtype"] else (torch.bfloat16 if bf16 else torch.float32)
+    backbone = load_backbone(cfg["_backbone_path"], device=device, dtype=dtype)
+    if backbone.identity != cfg["_identity"]:
+        raise ShardError(f"{cfg['_backbone_path']}: worker loaded backbone {backbone.identity}, the teacher "
+                         f"data needs {cfg['_identity']}")
+    train_trajs, val_trajs = load_split(cfg["_data"], backbone.identity, float(cfg["val_fraction"]), rank,
+                                        world)
+
+    sampler = JointSampler.for_backbone(backbone, seed=cfg["seed"])
+
+    class SamplerLoss(torch.nn.Module):
+        """The sampler as DDP's module: one forward = the whole K-step unroll, so DDP sees one forward and
+        one backward per step. The backbone is held outside the module tree (frozen, never broadcast)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.sampler = sampler
+
+        def forward(self, states, attention_mask, ks, target_pos, target_valid):
+            batch = WindowBatch(states, attention_mask, ks, target_pos, target_valid)
+            return joint_loss(backbone, self.sampler, batch)
+
+    start, state = 0, None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            sampler.load_state_dict(load_file(str(Path(d) / SAMPLER_WEIGHTS), device=str(device)))
+            state = torch.load(Path(d) / TRAIN_STATE, map_location=device, weights_only=True)
+        start = int(state["step"])
+    model = ray.train.torch.prepare_model(SamplerLoss())
+    opt = torch.optim.AdamW(sampler.parameters(), lr=float(cfg["lr"]), betas=tuple(cfg["adam_betas"]),
+                            weight_decay=float(cfg["weight_decay"]))
+    warmup = int(cfg["warmup_steps"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup))
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+
+    log = RunLog(cfg, rank)
+    log.log({"event": "start", "step": start, "resumed": ckpt is not None, "workers": world,
+             "train_trajectories_rank0": len(train_trajs), "val_trajectories": len(val_trajs)})
+    steps, per_worker = int(cfg["steps"]), int(cfg["batch_size"]) // world
+    k_max, val_k = int(cfg["k_max"]), int(cfg["val_k_max"] or cfg["k_max"])
+    # a resumed run draws new windows, reproducibly
+    rng = np.random.default_rng([int(cfg["seed"]), rank, start])
+    last: dict[str, Any] = {"step": start, "start_step": start}
+    acc = np.zeros(3)
+    t_log = time.perf_counter()
+    n_log = 0
+
+    def validate() -> dict[str, Any]:
+        if rank != 0 or not val_trajs:
+            return {}
+        sampler.eval()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            depth = depth_metrics(backbone, sampler, val_trajs, val_k,
+                                  windows_per_depth=int(cfg["val_windows_per_depth"]), seed=int(cfg["seed"]))
+        sampler.train()
+        return flat_depth(depth)
+
+    def checkpoint(step: int, metrics: dict[str, Any]) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            ck = None
+            if rank == 0:
+                sampler.save(d, extra={"step": step})
+                torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step},
+                           Path(d) / TRAIN_STATE)
+                ck = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=ck, checkpoint_dir_name=f"checkpoint-{step:07d}")
+
+    sampler.train()
+    for step in range(start, steps):
+        batch = sample_windows(train_trajs, per_worker, k_max, rng, backbone.mask_id, backbone.pad_id,
+                               weighting=cfg["k_weighting"]).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss, info = model(batch.states, batch.attention_mask, batch.ks, batch.target_pos,
+                               batch.target_valid)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(sampler.parameters(), float(cfg["grad_clip"])))
+        opt.step()
+        sched.step()
+        done = step + 1
+        acc += (info["loss"], info["kl_marginal"], 1.0)
+        n_log += per_worker
+        if not math.isfinite(info["loss"]):
+            raise FloatingPointError(f"train: loss is {info['loss']} at step {done} (lower lr?)")
+        if cfg["fail_at_step"] == done and ckpt is None and rank == world - 1:
+            # a worker dying mid-run. The controller collects reports (and registers checkpoints) on its
+            # 2 s health-check poll: wait for it, so the checkpoint before this step is the one restored
+            time.sleep(5)
+            os.kill(os.getpid(), signal.SIGKILL)
+        if done % int(cfg["log_every"]) == 0 or done == steps:
+            red = torch.tensor(acc, dtype=torch.float64)
+            if world > 1 and dist.is_initialized():
+                dist.all_reduce(red)  # mean over workers and steps since the last log
+            dt = time.perf_counter() - t_log
+            last = last | {"step": done, "loss": float(red[0] / red[2]),
+                           "kl_marginal": float(red[1] / red[2]),
+                           "lr": sched.get_last_lr()[0], "grad_norm": grad_norm,
+                           "windows_per_s": n_log * world / dt if dt > 0 else 0.0}
+            log.log({k: v for k, v in last.items() if not k.startswith("val")} | {"time": time.time()})
+            if rank == 0 and cfg["progress"]:
+                print(f"train: step {done}/{steps} loss {last['loss']:.4f} "
+                      f"(marginal {last['kl_marginal']:.4f}) "
+                      f"lr {last['lr']:.2e} {last['windows_per_s']:.1f} windows/s", flush=True)
+            acc[:] = 0
+            n_log = 0
+            t_log = time.perf_counter()
+        if done % int(cfg["val_every"]) == 0 or done == steps:
+            val = validate()
+            if val:
+                last = last | val
+                log.log({"step": done} | val)
+        if done % int(cfg["checkpoint_every"]) == 0 or done == steps:
+            checkpoint(done, last)
+    if start >= steps:  # nothing left to train: validate and report; the restored checkpoint stays the latest
+        last = last | validate()
+        ray.train.report(last)
+    log.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver
+# ---------------------------------------------------------------------------------------------
+
+
+def export_sampler(checkpoint_dir: Path, dest: Path, extra: dict[str, Any]) -> Path:
+    """Copy the checkpoint's sampler to `dest` (replaced whole, via a temporary folder and renames)."""
+    from sampler.joint import SAMPLER_CONFIG, SAMPLER_WEIGHTS
+
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shutil.copy2(checkpoint_dir / SAMPLER_WEIGHTS, tmp / SAMPLER_WEIGHTS)
+    conf = json.loads((checkpoint_dir / SAMPLER_CONFIG).read_text()) | extra
+    (tmp / SAMPLER_CONFIG).write_text(json.dumps(conf, indent=2) + "\n")
+    old = dest.with_name(f".{dest.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        dest.rename(old)
+    tmp.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
+    return dest
+
+
+def run_train(config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train the sampler on `data` into `out`; see the module docstring."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from ray_jobs.teacher import backbone_identity, backbone_path
+
+    cfg = merge_config(DEFAULTS, config, "train")
+    check_config(cfg)
+    t0 = time.perf_counter()
+    data = Path(cfg["data"]).resolve()
+    manifest = read_manifest(data)
+    shards = manifest_shards(data)  # checksums: a corrupt shard stops the run here, by name
+    if not shards:
+        raise ValueError(f"{data}: the manifest lists no shards")
+    if not manifest["complete"]:
+        print(f"train: {data} is incomplete ({len(shards)} of {manifest['num_chunks']} shards); "
+              "training on what is there", file=sys.stderr)
+    recorded = manifest["backbone"]
+    bpath = backbone_path(cfg["backbone"] if cfg["backbone"] is not None else recorded.get("path"))
+    name, identity = backbone_identity(bpath)
+    if identity != recorded["identity"]:
+        raise ShardError(f"{data}: teacher shards were decoded by backbone {recorded['name']!r} "
+                         f"({recorded['identity']}), but {bpath} is {name!r} ({identity})")
+    out = Path(cfg["out"]).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+
+    started_ray = init_ray(cfg["ray_address"], cfg["ray_num_cpus"])
+    try:
+        use_gpu = cfg["use_gpu"] if cfg["use_gpu"] is not None else ray.cluster_resources().get("GPU", 0) > 0
+        bf16 = cfg["bf16"] if cfg["bf16"] is not None else use_gpu
+        worker_cfg = cfg | {"_backbone_path": str(bpath), "_identity": identity, "_data": str(data),
+                            "_out": str(out), "_bf16": bool(bf16)}
+        resources = {"CPU": float(cfg["cpus_per_worker"])} | ({"GPU": 1} if use_gpu else {})
+        trainer = TorchTrainer(
+            train_loop, train_loop_config=worker_cfg,
+            scaling_config=ScalingConfig(num_workers=cfg["workers"], use_gpu=bool(use_gpu),
+                                         resources_per_worker=resources),
+            run_config=RunConfig(name=cfg["run_name"], storage_path=str(out / "ray"),
+                                 failure_config=FailureConfig(max_failures=cfg["max_failures"]),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg["keep_checkpoints"])),
+        )
+        result = trainer.fit()
+    finally:
+        if started_ray:
+            ray.shutdown()
+    if result.error is not None:
+        raise RuntimeError(f"train: the run failed: {result.error}") from result.error
+    if result.checkpoint is None:
+        raise RuntimeError("train: the run ended without a checkpoint")
+    metrics = dict(result.metrics or {})
+    with result.checkpoint.as_directory() as d:
+        sampler_dir = export_sampler(Path(d), out / "sampler", {
+            "trained_steps": metrics.get("step"), "teacher_data": str(data),
+            "train_config": {k: cfg[k] for k in ("lr", "warmup_steps", "batch_size", "k_max", "k_weighting",
+                                                   "workers", "seed")}})
+    depth = unflat_depth(metrics)
+    summary = {
+        "sampler_dir": str(sampler_dir), "checkpoint": result.checkpoint.path, "metrics": metrics,
+        "depth_metrics": depth, "start_step": metrics.get("start_step"), "steps": metrics.get("step"),
+        "wall_s": time.perf_counter() - t0, "metrics_jsonl": str(out / "metrics.jsonl"), "out": str(out),
+        "backbone": {"name": name, "identity": identity, "path": str(bpath)},
+    }
+    write_json_atomic(out / "summary.json",
+                      summary | {"depth_metrics": {str(k): v for k, v in depth.items()}})
+    return summary
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    m = s["metrics"]
+    lines = [f"train: steps {s['start_step']} -> {s['steps']} in {s['wall_s']:.1f} s; "
+             f"loss {m.get('loss', float('nan')):.4f} "
+             f"(marginal baseline KL {m.get('kl_marginal', float('nan')):.4f})",
+             f"  sampler: {s['sampler_dir']}", f"  checkpoint: {s['checkpoint']}",
+             f"  metrics: {s['metrics_jsonl']}"]
+    if s["depth_metrics"]:
+        lines.append("  held-out   K   KL sampler  KL marginal  top1 sampler  top1 marginal")
+        for k, d in sorted(s["depth_metrics"].items()):
+            lines.append(f"            {k:<3} {d['kl_sampler']:>10.4f}  {d['kl_marginal']:>11.4f}  "
+                         f"{d['top1_sampler']:>12.3f}  {d['top1_marginal']:>13.3f}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jointgen train", description=__doc__.split("\n\n")[0])
+    add_config_args(p)
+    p.add_argument("--data", help="teacher output directory (with manifest.json)")
+    p.add_argument("--backbone", help="backbone checkpoint dir (default: the one the teacher used)")
+    p.add_argument("--out", help="output directory (checkpoints, metrics.jsonl, sampler/)")
+    p.add_argument("--workers", type=int, help="Ray Train workers (DDP ranks)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int, help="global windows per step")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--k-max", type=int)
+    p.add_argument("--wandb", choices=("offline", "online", "disabled"), help="wandb mode (default offline)")
+    p.add_argument("--address", dest="ray_address",
+                   help="Ray cluster address (default: RAY_ADDRESS or a local cluster)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "set", "json")}
+    try:
+        cfg = load_config(DEFAULTS, "train", args.config, overrides, args.set)
+        summary = run_train(cfg)
+    except (ValueError, FileNotFoundError) as e:  # ShardError and CheckpointError are ValueErrors
+        print(f"jointgen train: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=1, default=str) if args.json else format_summary(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
