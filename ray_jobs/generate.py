@@ -301,6 +301,15 @@ class Generator:
         self.sets = {name: Settings(**s) for name, s in sets.items()}
         self.out_dir = Path(out_dir)
         self.chat = chat
+        self.warm_up()
+
+    def warm_up(self) -> None:
+        """One tiny decode per mode in use, so lazy initialisation never lands in a timed batch."""
+        from sampler import encode_prompts, generate
+
+        prompt = encode_prompts(self.backbone, n=2)
+        for mode in sorted({s.mode for s in self.sets.values()}):
+            generate(self.backbone, prompt, sampler=self.sampler, mode=mode, k=2, gen_length=4, seed=0)
 
     def encode(self, prompt: str | None, messages: str | None) -> list[int]:
         from sampler import encode_prompts
@@ -422,7 +431,7 @@ def run_sets(sets: dict[str, Settings], *, out_dir: str | Path, backbone: str | 
     import ray
     from tqdm import tqdm
 
-    from sampler import load_backbone
+    from ray_jobs.teacher import backbone_identity, backbone_path
 
     out_dir = Path(out_dir)
     if progress:  # our own bar counts rows and tokens/s; Ray Data's per-operator log lines are noise here
@@ -430,7 +439,8 @@ def run_sets(sets: dict[str, Settings], *, out_dir: str | Path, backbone: str | 
         logging.getLogger("ray.data").setLevel(logging.WARNING)
     if any(s.mode == "joint" for s in sets.values()) and not sampler:
         raise ValueError("a joint set needs a sampler directory (sampler=...)")
-    identity = load_backbone(backbone).identity  # what part files record; refuses a bad checkpoint early
+    # what part files record, without loading the weights on the driver; a bad checkpoint fails here
+    identity = backbone_identity(backbone_path(backbone))[1]
     sampler_identity = _sampler_identity(sampler)
     done = {name: scan_outputs(set_dir(out_dir, name), settings_key(s, identity, sampler_identity), log)
             for name, s in sets.items()}

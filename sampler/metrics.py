@@ -157,3 +157,27 @@ def validity(examples: Sequence[dict], answers: Sequence[str]) -> dict:
         per_task.setdefault(ex["task"], []).append(v)
     out["per_task"] = {t: mean_se(v) for t, v in sorted(per_task.items())}
     return out
+
+
+_HF: dict[str, tuple] = {}
+
+
+@torch.no_grad()
+def hf_lm_features(model_dir: str, texts: Sequence[str], batch_size: int = 16, max_length: int = 256
+                   ) -> np.ndarray:
+    """MAUVE's own featurisation with a local Hugging Face causal LM (e.g. gpt2-large where its weights
+    exist): the last layer's hidden state at each text's final token. Local files only, never a download."""
+    from transformers import AutoModel, AutoTokenizer
+
+    if model_dir not in _HF:
+        tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        model = AutoModel.from_pretrained(model_dir, local_files_only=True).eval()
+        _HF[model_dir] = (tok, model)
+    tok, model = _HF[model_dir]
+    out = []
+    for a in range(0, len(texts), batch_size):
+        for t in texts[a:a + batch_size]:  # one at a time: no padding conventions to get wrong
+            ids = tok(t if t.strip() else ".", return_tensors="pt", truncation=True, max_length=max_length)
+            h = model(**ids).last_hidden_state[0, -1]
+            out.append(h.float().numpy())
+    return np.stack(out).astype(np.float32)
