@@ -242,7 +242,9 @@ def beats(a: dict | None, b: dict | None, higher_is_better: bool) -> bool | None
     if not a or not b or any(not math.isfinite(x.get("mean", float("nan"))) for x in (a, b)):
         return None
     d = (a["mean"] - b["mean"]) if higher_is_better else (b["mean"] - a["mean"])
-    err = (a.get("se") or 0.0) + (b.get("se") or 0.0)
+    err = a.get("se", float("nan")) + b.get("se", float("nan"))
+    if not math.isfinite(err):
+        return None  # no error bar (one MAUVE seed): no claim either way
     return bool(d > err)
 
 
@@ -294,7 +296,11 @@ def gap_table(rows: list[dict]) -> dict[str, dict]:
         if r["method"] == "joint":
             m = next((x for x in rows if x["method"] == "marginal" and x["k"] == r["k"]), None)
             if m is not None and "nll" in m:
-                out[str(r["k"])] = metrics.gap_recovered(m["nll"], r["nll"], exact["nll"])
+                g = metrics.gap_recovered(m["nll"], r["nll"], exact["nll"])
+                gap_se = math.hypot(m["nll"]["se"], exact["nll"]["se"])
+                g["gap"] = m["nll"]["mean"] - exact["nll"]["mean"]
+                g["gap_significant"] = bool(g["gap"] > 2 * gap_se)
+                out[str(r["k"])] = g
     return out
 
 
@@ -351,6 +357,8 @@ def markdown(result: dict) -> str:
             paper = f"{PAPER['gap_recovered']:.0%} ({PAPER['nll_marginal']} -> {PAPER['nll_joint']}, exact " \
                     f"{PAPER['nll_exact']})" if int(k) == PAPER["k"] else ""
             val = f"{g['value']:.0%} ± {g['se']:.0%}" if math.isfinite(g["value"]) else "- (no gap)"
+            if math.isfinite(g["value"]) and not g.get("gap_significant", True):
+                val += " (exact-vs-marginal gap within its error bars: not meaningful)"
             out.append(f"| {k} | {val} | {paper} |")
         out.append("")
     if result["verdict"]:
@@ -368,7 +376,7 @@ def markdown(result: dict) -> str:
         for k, d in result["depth_metrics"].items():
             ratio = d["kl_sampler"] / d["kl_marginal"] if d["kl_marginal"] else float("nan")
             out.append(f"| {k} | {d['kl_sampler']:.4f} | {d['kl_marginal']:.4f} | {ratio:.2f} | "
-                       f"{d['top1_sampler']:.3f} | {d['top1_marginal']:.3f} | {d['positions']} |")
+                       f"{d['top1_sampler']:.3f} | {d['top1_marginal']:.3f} | {int(d['positions'])} |")
         out.append("")
     if result.get("task_breakdown"):
         out += ["## Task validity per task", "", "| set | " + " | ".join(result["task_tasks"]) + " |",

@@ -142,8 +142,8 @@ def mauve_score(p_features: np.ndarray, q_features: np.ndarray, *, seeds: Sequen
         raise ValueError(f"MAUVE needs at least 10 samples per set, got {len(p)} and {len(q)}")
     vals = [float(mauve.compute_mauve(p_features=p, q_features=q, seed=s, num_buckets=num_buckets,
                                       verbose=False).mauve) for s in seeds]
-    return {"mean": float(np.mean(vals)), "se": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
-            "n": int(min(len(p), len(q))), "values": vals}
+    spread = float(np.std(vals, ddof=1)) if len(vals) > 1 else float("nan")
+    return {"mean": float(np.mean(vals)), "se": spread, "n": int(min(len(p), len(q))), "values": vals}
 
 
 def validity(examples: Sequence[dict], answers: Sequence[str]) -> dict:

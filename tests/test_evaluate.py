@@ -118,3 +118,32 @@ def test_bad_configs_are_refused(assets, tmp_path, capsys):
                  "--backbone", str(assets["backbone"])]) == 2
     assert "num_samples" in capsys.readouterr().err
     assert yaml.safe_load((ROOT / "configs" / "evaluate.yaml").read_text()) == DEFAULTS
+
+
+def test_quickstart_end_to_end_on_a_toy_backbone(assets, ray_cluster, tmp_path, capsys):
+    """`jointgen quickstart`: teacher -> train -> evaluate under one directory, every stage small."""
+    from ray_jobs.quickstart import DEFAULTS as QS
+    from ray_jobs.quickstart import QUICK
+    from ray_jobs.quickstart import main as quickstart_main
+
+    out = tmp_path / "qs"
+    args = ["--out", str(out), "--backbone", str(assets["backbone"]), "--set", "gen_length=8",
+            "--set", "teacher={num_trajectories: 32, batch_size: 16, chunk_size: 16, actors: 1}",
+            "--set", "train={steps: 6, val_every: 3, checkpoint_every: 3, val_windows_per_depth: 4, "
+                     "k_max: 3, workers: 1}",
+            "--set", f"evaluate={{ks: [1, 2], num_samples: 16, batch_size: 16, judge: {assets['judge']}, "
+                     "mauve_features: [judge], mauve_seeds: [1, 2]}"]
+    assert quickstart_main(args) == 0
+    printed = capsys.readouterr().out
+    assert "# jointgen quickstart" in printed and "| joint | 2 |" in printed
+    assert (out / "teacher" / "manifest.json").exists()
+    assert (out / "train" / "sampler" / "sampler.json").exists()
+    for f in ("report.md", "quickstart.json", "evaluate/report.md", "evaluate/results.json",
+              "evaluate/quality_vs_speed.png", "evaluate/depth_metrics.png"):
+        assert (out / f).exists(), f
+    saved = json.loads((out / "quickstart.json").read_text())
+    assert set(saved["times"]) == {"teacher_s", "train_s", "evaluate_s", "total_s"}
+    assert saved["train"]["steps"] == 6
+    assert yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text()) == QS
+    assert yaml.safe_load((ROOT / "configs" / "quickstart_quick.yaml").read_text()) == QUICK
+    assert quickstart_main(["--set", "no_such_key=1"]) == 2
