@@ -1,0 +1,415 @@
+"""The Serve application against a real local Ray cluster and real HTTP on 127.0.0.1.
+
+One Serve instance for the whole module (started once, shut down at the end): the toy backbone and a saved
+untrained sampler. Order matters only for the last tests: the replica-kill test and the autoscaling test
+change the generator's replicas, so they run after the request tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+ray = pytest.importorskip("ray")
+from ray import serve  # noqa: E402
+
+from sampler import JointSampler, encode_prompts, load_backbone  # noqa: E402
+from sampler.toy import make_toy_backbone  # noqa: E402
+from serve.app import AppArgs, api_key_hash, build, load_config, main  # noqa: E402
+
+pytestmark = pytest.mark.ray
+
+MAX_BODY = 64 * 1024
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    bb = make_toy_backbone(root / "backbone")
+    backbone = load_backbone(bb)
+    JointSampler.for_backbone(backbone, seed=0).save(root / "sampler")
+    return {"backbone": str(bb), "sampler": str(root / "sampler"), "model": backbone.name, "bb": backbone}
+
+
+def _test_options() -> dict:
+    # short autoscaling delays so 1 -> 2 -> 1 fits in a test; fractional CPUs for 2 cores
+    return {
+        "Ingress": {"num_replicas": 1, "autoscaling_config": None, "ray_actor_options": {"num_cpus": 0.25}},
+        "Generator": {"ray_actor_options": {"num_cpus": 0.25}, "max_ongoing_requests": 32,
+                      "autoscaling_config": {"min_replicas": 1, "max_replicas": 2,
+                                             "target_ongoing_requests": 2, "upscale_delay_s": 1,
+                                             "downscale_delay_s": 3, "look_back_period_s": 2}},
+    }
+
+
+def _args(toy, **extra) -> dict:
+    args, _, _ = load_config(os.path.join(os.path.dirname(__file__), "..", "serve", "config.yaml"))
+    args.update(backbone=toy["backbone"], sampler=toy["sampler"], max_body_bytes=MAX_BODY,
+                limits={"max_tokens": 480, "max_k": 8, "max_n": 8, "max_prompt_tokens": 1024}, retries=3)
+    args.update(extra)
+    return args
+
+
+@pytest.fixture(scope="module")
+def server(toy):
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    port = _free_port()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build(_args(toy), _test_options()), name="jointgen", route_prefix="/")
+        yield {"url": f"http://127.0.0.1:{port}", "model": toy["model"]}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server["url"] + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def _post(server, path: str, body, **kw) -> httpx.Response:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(server["url"] + path, content=content, timeout=60,
+                      headers={"content-type": "application/json", **kw.pop("headers", {})}, **kw)
+
+
+def _error(resp: httpx.Response) -> dict:
+    body = resp.json()
+    assert set(body) == {"error"} and {"message", "type", "param", "code"} <= set(body["error"]), body
+    return body["error"]
+
+
+# --- no Ray needed: builder and CLI errors --------------------------------------------------------------
+
+
+def test_builder_refuses_bad_config(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        build({"backbone": str(tmp_path / "missing")})
+    with pytest.raises(ValueError, match="max_batch_size"):
+        build({"backbone": str(tmp_path), "max_batch_size": 0})
+    with pytest.raises(ValueError, match="unknown_arg|Extra inputs"):
+        build({"unknown_arg": 1})
+    monkeypatch.delenv("JOINTGEN_API_KEY", raising=False)
+    with pytest.raises(ValueError, match="JOINTGEN_API_KEY"):
+        api_key_hash(AppArgs(require_api_key=True))
+    monkeypatch.setenv("JOINTGEN_API_KEY", "s3cret")
+    assert api_key_hash(AppArgs()) == api_key_hash(AppArgs(api_key_env="JOINTGEN_API_KEY"))
+    assert api_key_hash(AppArgs()) != "s3cret"  # replicas only ever see the hash
+    assert main(["--backbone", str(tmp_path / "missing")]) == 2
+
+
+def test_committed_configs_parse():
+    here = os.path.join(os.path.dirname(__file__), "..", "serve")
+    for name, gpus in (("config.yaml", None), ("config.cluster.yaml", 1)):
+        args, deps, http = load_config(os.path.join(here, name))
+        AppArgs.model_validate(args)
+        assert set(deps) == {"Ingress", "Generator"}
+        for d in deps.values():
+            auto = d["autoscaling_config"]
+            assert 1 <= auto["min_replicas"] <= auto["max_replicas"] and auto["target_ongoing_requests"] > 0
+        assert deps["Generator"]["ray_actor_options"].get("num_gpus") == gpus
+        if gpus is None:  # this machine: fractional CPUs and loopback only
+            assert all(d["ray_actor_options"]["num_cpus"] < 1 for d in deps.values())
+            assert http["host"] == "127.0.0.1"
+        else:
+            assert args["require_api_key"] is True
+
+
+# --- the running application ------------------------------------------------------------------------------
+
+
+def test_health_and_models(server, client):
+    r = httpx.get(server["url"] + "/health", timeout=30)
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+    models = client.models.list()
+    assert [m.id for m in models.data] == [server["model"]]
+    assert models.data[0].model_extra["sampler"] == "loaded"
+
+
+def test_completion(server, client, toy):
+    r = client.completions.create(model=server["model"], prompt="The quick brown fox", max_tokens=12,
+                                  extra_body={"mode": "joint", "k": 4, "stop_at_eos": False})
+    assert len(r.choices) == 1 and isinstance(r.choices[0].text, str)
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.prompt_tokens == len(encode_prompts(toy["bb"], ["The quick brown fox"])[0])
+    assert r.usage.completion_tokens == 12
+    info = r.model_extra["jointgen"]
+    assert (info["mode"], info["k"], info["full_passes"], info["sampler_passes"]) == ("joint", 4, 3, 9)
+    # exact decoding: one token per full pass; n and a list of prompts give one choice per row
+    r = client.completions.create(model=server["model"], prompt=["Hello", "To be"], max_tokens=6, n=2,
+                                  extra_body={"mode": "exact", "stop_at_eos": False})
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert r.model_extra["jointgen"]["full_passes"] == 6 and r.usage.completion_tokens == 24
+
+
+def test_chat_completion(server, client, toy):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name three fruits"}]
+    r = client.chat.completions.create(model=server["model"], messages=messages, max_tokens=10,
+                                       temperature=0.7, top_p=0.9, extra_body={"mode": "marginal", "k": 2})
+    assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
+    assert isinstance(r.choices[0].message.content, str)
+    tok = toy["bb"].tokenizer
+    templated = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert r.usage.prompt_tokens == len(tok(templated, add_special_tokens=False)["input_ids"])
+    assert r.model_extra["jointgen"]["mode"] == "marginal"
+
+
+def test_stop_sequence_and_seed(server, client):
+    kw = {"model": server["model"], "prompt": "The quick", "max_tokens": 24, "seed": 123,
+          "extra_body": {"mode": "joint", "k": 2, "stop_at_eos": False}}
+    a, b = client.completions.create(**kw), client.completions.create(**kw)
+    assert a.choices[0].text == b.choices[0].text  # a seeded request decodes alone: reproducible
+    text = a.choices[0].text
+    stop = text[len(text) // 2: len(text) // 2 + 2]
+    if stop.strip():
+        c = client.completions.create(**kw, stop=[stop])
+        assert c.choices[0].text == text[: text.find(stop)] and c.choices[0].finish_reason == "stop"
+
+
+def test_streaming(server, client):
+    kw = {"model": server["model"], "prompt": "To be, or not", "max_tokens": 24, "seed": 7,
+          "extra_body": {"mode": "exact", "stop_at_eos": False, "block_length": 4}}
+    full = client.completions.create(**kw).choices[0].text
+    chunks = list(client.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    texts = [c.choices[0].text for c in chunks if c.choices and c.choices[0].text]
+    assert len(texts) >= 3, texts  # the finished prefix grows block by block
+    assert "".join(texts) == full
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 24
+    # chat streaming: a role chunk, then content deltas, then the finish reason
+    chat = list(client.chat.completions.create(
+        model=server["model"], messages=[{"role": "user", "content": "hi"}], max_tokens=16, stream=True,
+        extra_body={"mode": "joint", "k": 2, "block_length": 4, "stop_at_eos": False}))
+    assert chat[0].choices[0].delta.role == "assistant"
+    assert sum(bool(c.choices[0].delta.content) for c in chat) >= 2
+    assert chat[-1].choices[0].finish_reason == "length"
+    # raw SSE: OpenAI's framing, ending with [DONE]
+    with httpx.stream("POST", server["url"] + "/v1/completions", timeout=60,
+                      json={"prompt": "Hello", "max_tokens": 8, "stream": True}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [ln for ln in r.iter_lines() if ln]
+    assert all(ln.startswith("data: ") for ln in lines) and lines[-1] == "data: [DONE]"
+    assert json.loads(lines[0][6:])["object"] == "text_completion"
+
+
+BAD = [
+    # (path, body, status, param, words in the message)
+    ("/v1/completions", b'{"prompt": "x",', 400, None, "not valid JSON"),
+    ("/v1/completions", b"[1, 2]", 400, None, "JSON object"),
+    ("/v1/completions", {"model": "gpt-4", "prompt": "x"}, 404, "model", "does not exist"),
+    ("/v1/completions", {"max_tokens": 4}, 400, "prompt", "required"),
+    ("/v1/completions", {"prompt": ""}, 400, "prompt", "empty"),
+    ("/v1/completions", {"prompt": 5}, 400, "prompt", "string"),
+    ("/v1/completions", {"prompt": "the " * 600, "max_tokens": 8}, 400, "prompt", "context"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 100000}, 400, "max_tokens", "limit"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens", "greater than"),
+    ("/v1/completions", {"prompt": "x", "k": 0}, 400, "k", "greater than"),
+    ("/v1/completions", {"prompt": "x", "k": 9}, 400, "k", "maximum"),
+    ("/v1/completions", {"prompt": "x", "mode": "fast"}, 400, "mode", "exact"),
+    ("/v1/completions", {"prompt": "x", "temperature": 2.5}, 400, "temperature", "less than"),
+    ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p", "greater than"),
+    ("/v1/completions", {"prompt": "x", "n": 9}, 400, "n", "limit"),
+    ("/v1/completions", {"prompt": "x", "stream": True, "k": 9}, 400, "k", "maximum"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, "messages.0.content", ""),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages", "at least 1"),
+    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400, "messages.0.role", ""),
+]
+
+
+@pytest.mark.parametrize("path,body,status,param,words", BAD, ids=[f"{i}" for i in range(len(BAD))])
+def test_bad_input(server, path, body, status, param, words):
+    r = _post(server, path, body)
+    assert r.status_code == status, r.text
+    err = _error(r)
+    assert err["param"] == param
+    assert words.lower() in err["message"].lower()
+    if param:
+        assert err["message"].startswith(param)
+
+
+def test_errors_keep_the_server_up(server, client):
+    r = httpx.get(server["url"] + "/v1/nope", timeout=30)
+    assert r.status_code == 404 and _error(r)["code"] == "not_found"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=server["model"], prompt="x", extra_body={"k": 99})
+    assert e.value.body["param"] == "k"
+    ok = client.completions.create(model=server["model"], prompt="x", max_tokens=4)
+    assert ok.usage.prompt_tokens > 0
+
+
+def _complete(response: bytes) -> bool:
+    head, sep, body = response.partition(b"\r\n\r\n")
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            return bool(sep) and len(body) >= int(line.split(b":")[1])
+    return False
+
+
+def _send_body(server, head: bytes, chunk: bytes = b"", total: int = 0,
+               pause: float = 0.0) -> tuple[bytes, int]:
+    """Send a request head, then `chunk` repeatedly (chunked encoding) until `total` bytes or an answer.
+    A reader thread collects the answer as it arrives: the server closes the connection while the client
+    is still sending, and a reset would discard an answer read only afterwards."""
+    host, port = server["url"].removeprefix("http://").split(":")
+    answer, sent = bytearray(), 0
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        def read():
+            try:
+                while data := s.recv(65536):
+                    answer.extend(data)
+            except OSError:
+                pass
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        try:
+            s.sendall(head)
+            while sent < total and not answer:
+                s.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+                sent += len(chunk)
+                time.sleep(pause)  # a client on a real network: the answer can overtake the body
+        except OSError:  # the server answered and closed the connection
+            pass
+        deadline = time.time() + 30
+        while time.time() < deadline and reader.is_alive() and not _complete(bytes(answer)):
+            time.sleep(0.01)
+        s.shutdown(socket.SHUT_RDWR)
+        reader.join(timeout=30)
+    return bytes(answer), sent
+
+
+def test_body_size_limit(server):
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    # a declared size over the limit: refused from the headers, no body sent at all
+    answer, _ = _send_body(server, head + b"Content-Length: 100000000\r\nConnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:300]
+    # chunked, no declared size: refused while streaming, long before the 16 MiB the client would send
+    # (16 KiB every 20 ms: 20 s for the whole body)
+    total = 16 << 20
+    answer, sent = _send_body(server, head + b"Transfer-Encoding: chunked\r\n\r\n", b"x" * 16384, total,
+                              pause=0.02)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:300]
+    assert b"request_too_large" in answer and sent < total // 4, sent
+
+
+def test_concurrent_requests_are_batched(server, client):
+    def one(i):
+        return client.completions.create(model=server["model"], prompt=f"Request {i}", max_tokens=48,
+                                         extra_body={"mode": "exact", "stop_at_eos": False})
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(8)))
+    sizes = [r.model_extra["jointgen"]["batch_requests"] for r in results]
+    assert max(sizes) > 1, sizes
+    stats = httpx.get(server["url"] + "/v1/stats", timeout=30).json()
+    assert stats["max_batch_requests"] > 1 and stats["requests"] >= 8
+    # requests with different settings never share a batch: every batch here had one gen length
+    assert all(r.usage.completion_tokens == 48 for r in results)
+
+
+def test_replica_killed_mid_request(server, client):
+    handle = serve.get_deployment_handle("Generator", app_name="jointgen")
+    pid = handle.pid.remote().result(timeout_s=60)
+    out: dict = {}
+
+    def long_request():
+        try:
+            out["r"] = client.completions.create(model=server["model"], prompt="The quick", max_tokens=400,
+                                                 n=4, extra_body={"mode": "exact", "stop_at_eos": False})
+        except openai.APIStatusError as e:
+            out["e"] = e
+
+    t = threading.Thread(target=long_request)
+    t.start()
+    deadline = time.time() + 60
+    while handle.stats.remote().result(timeout_s=30)["running"] == 0:
+        assert time.time() < deadline and t.is_alive(), "the long request never started decoding"
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    t.join(timeout=180)
+    assert not t.is_alive()
+    if "r" in out:  # retried on the replacement replica
+        assert out["r"].model_extra["jointgen"]["replica_pid"] != pid
+        assert out["r"].usage.completion_tokens == 1600
+    else:  # or a clean OpenAI-style error
+        assert out["e"].status_code == 503 and out["e"].body["code"] == "replica_unavailable"
+    r = client.completions.create(model=server["model"], prompt="after", max_tokens=4)
+    assert r.model_extra["jointgen"]["replica_pid"] != pid
+
+
+def _running_generators() -> int:
+    dep = serve.status().applications["jointgen"].deployments["Generator"]
+    return dep.replica_states.get("RUNNING", 0)
+
+
+def test_autoscaling_up_and_down(server):
+    # bounded load: 4 clients for at most 60 s, stopped as soon as a second replica runs
+    stop = threading.Event()
+    deadline = time.time() + 60
+    body = {"prompt": "load", "max_tokens": 64, "mode": "exact", "stop_at_eos": False}
+
+    def client_loop():
+        with httpx.Client(timeout=120) as c:
+            while not stop.is_set() and time.time() < deadline:
+                c.post(server["url"] + "/v1/completions", json=body)
+
+    threads = [threading.Thread(target=client_loop) for _ in range(4)]
+    for t in threads:
+        t.start()
+    peak = 1
+    try:
+        while time.time() < deadline and peak < 2:
+            peak = max(peak, _running_generators())
+            time.sleep(0.5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=180)
+    assert peak == 2, "the generator did not scale to 2 replicas under load"
+    deadline = time.time() + 90
+    while time.time() < deadline and _running_generators() != 1:
+        time.sleep(1)
+    assert _running_generators() == 1, "the generator did not scale back to 1 replica when idle"
+
+
+def test_api_key_auth(server, toy, monkeypatch):
+    monkeypatch.setenv("JOINTGEN_API_KEY", "test-key-123")
+    fixed = {"num_replicas": 1, "autoscaling_config": None, "ray_actor_options": {"num_cpus": 0.1}}
+    opts = {"Ingress": fixed, "Generator": fixed}
+    serve.run(build(_args(toy, sampler="none"), opts), name="secure", route_prefix="/secure")
+    try:
+        url = server["url"] + "/secure/v1"
+        r = httpx.get(url + "/models", timeout=30)
+        assert r.status_code == 401 and _error(r)["code"] == "invalid_api_key"
+        r = httpx.post(url + "/completions", json={"prompt": "x"}, timeout=30,
+                       headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url, api_key="wrong", max_retries=0).models.list()
+        good = openai.OpenAI(base_url=url, api_key="test-key-123", max_retries=0, timeout=60)
+        assert good.models.list().data[0].model_extra["sampler"] == "none"
+        r = good.completions.create(model=server["model"], prompt="Hello", max_tokens=4)
+        assert r.model_extra["jointgen"]["mode"] == "exact"  # default joint needs a sampler: falls back
+        with pytest.raises(openai.BadRequestError) as e:  # joint asked for, no sampler loaded
+            good.completions.create(model=server["model"], prompt="Hello", extra_body={"mode": "joint"})
+        assert e.value.body["param"] == "mode" and "sampler" in e.value.body["message"]
+    finally:
+        serve.delete("secure")
