@@ -55,7 +55,7 @@ def _test_options() -> dict:
         "Generator": {"ray_actor_options": {"num_cpus": 0.25}, "max_ongoing_requests": 32,
                       "autoscaling_config": {"min_replicas": 1, "max_replicas": 2,
                                              "target_ongoing_requests": 2, "upscale_delay_s": 1,
-                                             "downscale_delay_s": 3, "look_back_period_s": 2}},
+                                             "downscale_delay_s": 3}},
     }
 
 
