@@ -12,6 +12,9 @@ Interface (stable):
   {"event": "submitted", "chunk", "actor", "pid"}, {"event": "done", "chunk", ...} and
   {"event": "actor_failed", "chunk", "actor", "error"}.
 - `main(argv) -> int` for `jointgen teacher`.
+- Helpers other jobs use: `backbone_path(path_or_None) -> Path` (None = the embedded backbone),
+  `backbone_identity(path) -> (name, identity)` without loading the weights, `format_summary(summary)`,
+  `shard_name(chunk)`, `batch_seed(seed, chunk, batch)`, `load_prompts(path, field) -> (texts, ids)`.
 
 How work is cut: trajectory i (0-based; its `traj_id`) belongs to chunk i // chunk_size; chunk c is one
 shard, `shard-{c:05d}.parquet`. Within a chunk, trajectories are decoded in batches of `batch_size`, each

@@ -8,16 +8,17 @@ Interface (stable):
   checkpoint (the latest Ray Train checkpoint dir), metrics (the last reported: loss, kl_marginal, lr,
   grad_norm, val/..., step, start_step), depth_metrics ({K: {kl_sampler, kl_marginal, top1_sampler,
   top1_marginal, positions}} of the last validation), start_step, steps, wall_s, metrics_jsonl, out.
-- `main(argv) -> int` for `jointgen train`.
+- `main(argv) -> int` for `jointgen train`; `format_summary(summary)` prints a summary as the CLI does.
 
 What runs: a `TorchTrainer` with `workers` workers (DDP over gloo on CPU, NCCL on GPUs). Each worker loads
 the frozen backbone (inference only, no gradients) and reads the teacher shards listed in the manifest
 (checksums and backbone identity checked; a bad shard stops the run naming it). Trajectories are split
-by a hash of traj_id into a held-out set (`val_fraction`) and a training set; each worker trains on every
-`world_size`-th training trajectory. A step draws `batch_size / workers` windows per worker (K from
-1..k_max, `k_weighting`), computes `sampler.joint_loss` and updates the sampler (wrapped in DDP, the only
-trainable module) with AdamW, linear warm-up then a constant rate, gradient clipping, bf16 autocast on
-GPU only.
+by a hash of traj_id into a held-out set (`val_fraction`) and a training set; each worker reads and trains
+on its own shards (every `world_size`-th; every `world_size`-th trajectory when there are fewer shards than
+workers); rank 0 also reads the held-out trajectories of all shards. A step draws `batch_size / workers`
+windows per worker (K from 1..k_max, `k_weighting`), computes `sampler.joint_loss` and updates the sampler
+(wrapped in DDP, the only trainable module) with AdamW, linear warm-up then a constant rate, gradient
+clipping, bf16 autocast on GPU only.
 
 Checkpoints every `checkpoint_every` steps (and at the end) through `ray.train.report`: the sampler as
 safetensors (`JointSampler.save`: the directory loads with `JointSampler.load`), `train_state.pt`
@@ -122,19 +123,33 @@ def is_heldout(traj_id: int, fraction: float) -> bool:
 
 
 def load_split(data: str, identity: str, fraction: float, rank: int, world: int) -> tuple[list, list]:
-    """(this rank's training trajectories, all held-out trajectories) from the manifest's shards."""
+    """(this rank's training trajectories, the held-out trajectories on rank 0, [] elsewhere).
+
+    With at least as many shards as workers, rank r trains on shards r, r + world, ... and reads only
+    those (rank 0 reads all, for the held-out set); with fewer shards, every rank reads them all and takes
+    every world-th training trajectory."""
     from sampler.schema import read_trajectories
 
+    shards = manifest_shards(data)
+    by_shard = len(shards) >= world
     train, val = [], []
-    for path, _ in manifest_shards(data):
+    for i, (path, _) in enumerate(shards):
+        mine = i % world == rank or not by_shard
+        if not mine and rank != 0:
+            continue
         trajs, _meta = read_trajectories(path, backbone_identity=identity)
         for t in trajs:
-            (val if is_heldout(t.traj_id, fraction) else train).append(t)
+            if is_heldout(t.traj_id, fraction):
+                if rank == 0:
+                    val.append(t)
+            elif mine:
+                train.append(t)
     train.sort(key=lambda t: t.traj_id)
+    if not by_shard and len(train) >= world:
+        train = train[rank::world]
     if not train:
-        raise ValueError(f"{data}: no training trajectories (val_fraction {fraction} holds out all)")
-    mine = train[rank::world] if len(train) >= world else train
-    return mine, val
+        raise ValueError(f"{data}: no training trajectories for rank {rank} (val_fraction {fraction})")
+    return train, val
 
 
 def lr_factor(step: int, warmup: int) -> float:
@@ -329,10 +344,6 @@ def train_loop(cfg: dict[str, Any]) -> None:
                            "lr": sched.get_last_lr()[0], "grad_norm": grad_norm,
                            "windows_per_s": n_log * world / dt if dt > 0 else 0.0}
             log.log({k: v for k, v in last.items() if not k.startswith("val")} | {"time": time.time()})
-            if rank == 0 and cfg["progress"]:
-                print(f"train: step {done}/{steps} loss {last['loss']:.4f} "
-                      f"(marginal {last['kl_marginal']:.4f}) "
-                      f"lr {last['lr']:.2e} {last['windows_per_s']:.1f} windows/s", flush=True)
             acc[:] = 0
             n_log = 0
             t_log = time.perf_counter()
@@ -371,6 +382,51 @@ def export_sampler(checkpoint_dir: Path, dest: Path, extra: dict[str, Any]) -> P
     tmp.rename(dest)
     shutil.rmtree(old, ignore_errors=True)
     return dest
+
+
+def fit_with_progress(trainer: Any, metrics_path: Path, steps: int, progress: bool) -> Any:
+    """`trainer.fit()` in a thread while a tqdm bar follows the metrics rank 0 appends to metrics.jsonl."""
+    import threading
+
+    from tqdm import tqdm
+
+    if not progress:
+        return trainer.fit()
+    box: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as e:  # re-raised in the caller's thread
+            box["error"] = e
+
+    offset = metrics_path.stat().st_size if metrics_path.exists() else 0
+    thread = threading.Thread(target=fit, daemon=True)
+    thread.start()
+    with tqdm(total=steps, unit="step", desc="train", dynamic_ncols=True) as bar:
+        while thread.is_alive():
+            thread.join(timeout=1.0)
+            if not metrics_path.exists():
+                continue
+            with open(metrics_path) as fh:
+                fh.seek(offset)
+                chunk = fh.read()
+            complete = chunk[: chunk.rfind("\n") + 1]
+            offset += len(complete.encode())
+            for line in complete.splitlines():
+                m = json.loads(line)
+                if m.get("event") == "start":
+                    bar.n = m["step"]
+                elif "loss" in m:
+                    bar.n = m["step"]
+                    bar.set_postfix(loss=f"{m['loss']:.4f}", marginal=f"{m['kl_marginal']:.4f}")
+                elif "val/kl_sampler" in m:
+                    bar.write(f"train: step {m['step']} held-out KL sampler {m['val/kl_sampler']:.4f}, "
+                              f"marginal {m['val/kl_marginal']:.4f} (mean over K)")
+            bar.refresh()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
 
 
 def run_train(config: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -416,7 +472,7 @@ def run_train(config: dict[str, Any] | None = None) -> dict[str, Any]:
                                  failure_config=FailureConfig(max_failures=cfg["max_failures"]),
                                  checkpoint_config=CheckpointConfig(num_to_keep=cfg["keep_checkpoints"])),
         )
-        result = trainer.fit()
+        result = fit_with_progress(trainer, out / "metrics.jsonl", int(cfg["steps"]), bool(cfg["progress"]))
     finally:
         if started_ray:
             ray.shutdown()
