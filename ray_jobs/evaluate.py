@@ -37,8 +37,10 @@ PAPER = {"k": 4, "nll_marginal": 6.52, "nll_joint": 5.58, "nll_exact": 4.25, "ga
 
 DEFAULTS: dict[str, Any] = {
     "backbone": None,  # null = the embedded backbone
+    "dtype": None,  # null = the checkpoint's dtype; float32 | bfloat16 | float16 (generation)
     "sampler": None,  # joint sampler dir (required for joint rows)
     "judge": "auto",  # auto = the embedded judge when present; a causal LM dir; null = no judge
+    "judge_backend": "torch",  # torch | vllm (optional extra) | auto (vllm when it imports)
     "ks": [1, 2, 4, 8],
     "methods": ["marginal", "joint"],  # compared against exact at every k > 1
     # language: unconditional samples (or a prompt file), fixed length
@@ -144,16 +146,22 @@ class Scorer:
     """Judge NLL + judge features + sentence-encoder features for one set of samples."""
 
     def __init__(self, judge: str | None, features: list[str], hf_model: str | None,
-                 torch_threads: int | None, device: str = "cpu", batch_size: int = 32):
+                 torch_threads: int | None, device: str = "cpu", batch_size: int = 32,
+                 backend: str = "torch"):
         import torch
 
         from sampler import load_backbone
+        from sampler.judge_vllm import VllmJudge, vllm_available
 
         if torch_threads:
             torch.set_num_threads(int(torch_threads))
         if device == "cuda" and not torch.cuda.is_available():
             device = "cpu"
         self.judge = load_backbone(judge, device=device, require_mask=False) if judge else None
+        if backend == "auto":
+            backend = "vllm" if vllm_available() else "torch"
+        self.backend = backend
+        self.vllm = VllmJudge(judge) if judge and backend == "vllm" else None
         self.features = features
         self.hf_model = hf_model
         self.batch_size = batch_size
@@ -178,9 +186,13 @@ class Scorer:
             if stop_at_eos:
                 gens = [metrics.truncate_at_eos(g, self.judge.eos_id) for g in gens]
             p, g = self.judge_ids(prompts, gens, prompt_texts, texts, same_vocab)
-            s = metrics.judge_score(self.judge, p, g, batch_size=self.batch_size,
-                                    features="judge" in self.features)
+            want_feats = "judge" in self.features
+            if self.vllm is None or want_feats:
+                s = metrics.judge_score(self.judge, p, g, batch_size=self.batch_size, features=want_feats)
+            if self.vllm is not None:
+                s = {**s, **self.vllm.score(p, g)} if want_feats else self.vllm.score(p, g)
             out["nll"] = metrics.per_token_nll(s["nll_sum"], s["n_tokens"])
+            out["judge_backend"] = self.backend
             if "features" in s:
                 out["feat_judge"] = s["features"]
         if "minilm" in self.features:
@@ -470,6 +482,8 @@ def check_config(cfg: dict) -> None:
         raise ValueError("evaluate: joint rows need a sampler (sampler=DIR, from `jointgen train`)")
     if int(cfg["num_samples"]) < 10:
         raise ValueError("evaluate: num_samples must be >= 10 (MAUVE needs at least 10 samples per set)")
+    if cfg["judge_backend"] not in ("torch", "vllm", "auto"):
+        raise ValueError(f"evaluate: judge_backend must be torch, vllm or auto, got {cfg['judge_backend']!r}")
     bad = [f for f in cfg["mauve_features"] if f not in ("judge", "minilm", "hf")]
     if bad:
         raise ValueError(f"evaluate: unknown mauve_features {bad}; known: judge, minilm, hf")
@@ -495,7 +509,7 @@ def run_evaluate(config: dict | None = None, log=print) -> dict:
     lang_sets = plan_sets(cfg, "lang")
     task_sets = plan_sets(cfg, "task") if task_file else {}
     check_inputs(cfg["language_prompts"], cfg["num_samples"], cfg["sampler"],
-                 list(lang_sets.values()) + list(task_sets.values()))
+                 list(lang_sets.values()) + list(task_sets.values()), cfg["dtype"])
     name, identity = backbone_identity(backbone_path(cfg["backbone"]))
     t0 = time.perf_counter()
     started = init_ray(cfg["ray_address"], cfg["ray_num_cpus"])
@@ -505,7 +519,8 @@ def run_evaluate(config: dict | None = None, log=print) -> dict:
                                                                   // int(cfg["actors"])))
         common = dict(backbone=cfg["backbone"], sampler=cfg["sampler"], batch_size=int(cfg["batch_size"]),
                       num_actors=int(cfg["actors"]), num_cpus_per_actor=float(cfg["cpus_per_actor"]),
-                      num_gpus_per_actor=gpus, torch_threads=threads, progress=bool(cfg["progress"]), log=log)
+                      num_gpus_per_actor=gpus, torch_threads=threads, progress=bool(cfg["progress"]),
+                      dtype=cfg["dtype"], log=log)
         log(f"evaluate: [1/3] generating {len(lang_sets)} language sets x {cfg['num_samples']} samples"
             + (f" and {len(task_sets)} task sets" if task_sets else ""))
         n_uncond = None if cfg["language_prompts"] else int(cfg["num_samples"])
@@ -530,7 +545,8 @@ def run_evaluate(config: dict | None = None, log=print) -> dict:
             same_vocab = same_vocabulary(cfg["backbone"], judge) if judge else True
             scorer_cls = ray.remote(num_cpus=float(cfg["cpus_per_actor"]), num_gpus=gpus)(Scorer)
             pool = ActorPool([scorer_cls.remote(judge, features, cfg["hf_features_model"], threads,
-                                                "cuda" if gpus else "cpu", int(cfg["judge_batch_size"]))
+                                                "cuda" if gpus else "cpu", int(cfg["judge_batch_size"]),
+                                                cfg["judge_backend"])
                               for _ in range(int(cfg["actors"]))])
 
             def submit(actor, n):

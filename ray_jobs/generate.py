@@ -61,7 +61,7 @@ OUTPUT_SCHEMA = pa.schema([
 
 # Defaults (configs/generate.yaml mirrors them, with comments)
 DEFAULTS: dict[str, Any] = {
-    "backbone": None, "sampler": None, "prompts": None, "num_samples": 64, "chat": False,
+    "backbone": None, "dtype": None, "sampler": None, "prompts": None, "num_samples": 64, "chat": False,
     "out": "runs/generate",
     "mode": "joint", "k": 4, "gen_length": 48, "temperature": 1.0, "top_p": 1.0, "policy": "entropy",
     "block_length": None, "stop_at_eos": True, "seed": 0,
@@ -286,7 +286,8 @@ class Generator:
     returns one summary row per input row (written rows and error rows)."""
 
     def __init__(self, backbone: str | None, sampler: str | None, sets: dict[str, dict], out_dir: str,
-                 device: str = "auto", torch_threads: int | None = None, chat: bool = False):
+                 device: str = "auto", torch_threads: int | None = None, chat: bool = False,
+                 dtype: str | None = None):
         import torch
 
         from sampler import JointSampler, load_backbone
@@ -295,7 +296,8 @@ class Generator:
             torch.set_num_threads(int(torch_threads))
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.backbone = load_backbone(backbone, device=device)
+        dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype or "")
+        self.backbone = load_backbone(backbone, device=device, dtype=dt)
         self.sampler = JointSampler.load(sampler, self.backbone) if sampler else None
         self.sampler_identity = _sampler_identity(sampler)
         self.sets = {name: Settings(**s) for name, s in sets.items()}
@@ -425,7 +427,7 @@ def run_sets(sets: dict[str, Settings], *, out_dir: str | Path, backbone: str | 
              sampler: str | None = None, prompts: str | Path | None = None, num_samples: int | None = None,
              chat: bool = False, batch_size: int = 16, num_actors: int = 1, num_cpus_per_actor: float = 0.5,
              num_gpus_per_actor: float = 0, torch_threads: int | None = None, progress: bool = True,
-             log=print) -> dict:
+             dtype: str | None = None, log=print) -> dict:
     """Generate every set (name -> settings) over the prompt source into out_dir/<name>/ (name "" =
     out_dir itself), skipping prompt ids already there. Returns counts, errors and speed per set."""
     import ray
@@ -471,7 +473,7 @@ def run_sets(sets: dict[str, Settings], *, out_dir: str | Path, backbone: str | 
                                "sampler": None if sampler is None else str(sampler),
                                "sets": {n: asdict(s) for n, s in sets.items()}, "out_dir": str(out_dir),
                                "device": "cuda" if num_gpus_per_actor else "cpu",
-                               "torch_threads": torch_threads, "chat": chat},
+                               "torch_threads": torch_threads, "chat": chat, "dtype": dtype},
         compute=ray.data.ActorPoolStrategy(size=num_actors), num_cpus=num_cpus_per_actor,
         **({"num_gpus": num_gpus_per_actor} if num_gpus_per_actor else {}),
     )
@@ -516,7 +518,7 @@ def run_sets(sets: dict[str, Settings], *, out_dir: str | Path, backbone: str | 
 
 
 def check_inputs(prompts: str | Path | None, num_samples: int | None, sampler: str | Path | None,
-                 settings: list[Settings]) -> None:
+                 settings: list[Settings], dtype: str | None = None) -> None:
     """Cheap checks before any Ray start: a bad path or setting fails at once with its name."""
     if prompts:
         p = Path(prompts)
@@ -530,6 +532,8 @@ def check_inputs(prompts: str | Path | None, num_samples: int | None, sampler: s
         if not sampler:
             raise ValueError("mode joint needs a sampler directory (sampler=..., from `jointgen train`)")
         _sampler_identity(str(sampler))
+    if dtype not in (None, "float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be null, float32, bfloat16 or float16, got {dtype!r}")
     for s in settings:
         if s.mode not in ("exact", "marginal", "joint"):
             raise ValueError(f"mode must be exact, marginal or joint, got {s.mode!r}")
@@ -541,7 +545,8 @@ def check_inputs(prompts: str | Path | None, num_samples: int | None, sampler: s
 def run_generate(config: dict | None = None) -> dict:
     """`jointgen generate` with a config dict (keys and defaults: DEFAULTS / configs/generate.yaml)."""
     cfg = merge_config(DEFAULTS, config, "generate")
-    check_inputs(cfg["prompts"], cfg["num_samples"], cfg["sampler"], [Settings.from_config(cfg)])
+    check_inputs(cfg["prompts"], cfg["num_samples"], cfg["sampler"], [Settings.from_config(cfg)],
+                 cfg["dtype"])
     started = init_ray(cfg["ray_address"], cfg["ray_num_cpus"])
     try:
         settings = Settings.from_config(cfg)
@@ -550,7 +555,7 @@ def run_generate(config: dict | None = None) -> dict:
                        batch_size=int(cfg["batch_size"]), num_actors=int(cfg["actors"]),
                        num_cpus_per_actor=float(cfg["cpus_per_actor"]),
                        num_gpus_per_actor=float(cfg["gpus_per_actor"] or 0),
-                       torch_threads=cfg["torch_threads"], progress=bool(cfg["progress"]))
+                       torch_threads=cfg["torch_threads"], progress=bool(cfg["progress"]), dtype=cfg["dtype"])
     finally:
         if started:
             import ray
