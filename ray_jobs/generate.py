@@ -329,8 +329,14 @@ class Generator:
     def __call__(self, batch: dict) -> pa.Table:
         from sampler import generate
 
-        n = len(batch["row"])
-        cols = {c: list(batch[c]) for c in ("row", "prompt_id", "prompt", "messages", "meta", "error", "set")}
+        rows, names = [], []
+        for name, chunk in zip(batch["set"], batch["rows"], strict=True):
+            for r in json.loads(chunk):
+                rows.append(r)
+                names.append(str(name))
+        n = len(rows)
+        cols = {c: [r[c] for r in rows] for c in ("row", "prompt_id", "prompt", "messages", "meta", "error")}
+        cols["set"] = names
         summary: dict[str, list] = {"set": [], "row": [], "prompt_id": [], "error": [], "tokens": [],
                                     "wall_s": []}
 
@@ -447,28 +453,33 @@ def run_sets(sets: dict[str, Settings], *, out_dir: str | Path, backbone: str | 
     done = {name: scan_outputs(set_dir(out_dir, name), settings_key(s, identity, sampler_identity), log)
             for name, s in sets.items()}
 
-    source = read_source(prompts, num_samples).materialize()  # small (prompts only): one read for every set
+    # small (prompts only): read once for every set, in one block so a set is cut into batches in one place
+    source = read_source(prompts, num_samples).repartition(1).materialize()
     total_rows = source.count()
     first = next(iter(sets))
 
     def for_set(name: str):
         skip = done[name]
 
-        def tag(batch: pa.Table) -> pa.Table:
-            err = batch.column("error").to_pylist()
-            pid = batch.column("prompt_id").to_pylist()
-            keep = [(e is None and p not in skip) or (e is not None and name == first)  # errors once
-                    for e, p in zip(err, pid, strict=True)]
-            out = batch.filter(pa.array(keep, type=pa.bool_()))
-            return out.append_column("set", pa.array([name] * out.num_rows, type=pa.string()))
+        def chunks(block: pa.Table) -> pa.Table:
+            """The set's rows still to do, cut into generate() batches here rather than by Ray Data's
+            bundling: every batch holds one set's consecutive rows, so its seed (settings seed + first row)
+            and its size are the same in every run and for every method."""
+            todo = [r for r in block.to_pylist() if r["error"] is None and r["prompt_id"] not in skip]
+            cut = [todo[a:a + batch_size] for a in range(0, len(todo), batch_size)]
+            bad = [r for r in block.to_pylist() if r["error"] is not None]
+            if bad and name == first:  # bad rows are reported once, in a chunk of their own
+                cut.append(bad)
+            return pa.table({"set": pa.array([name] * len(cut), pa.string()),
+                             "rows": pa.array([json.dumps(c) for c in cut], pa.string())})
 
-        return source.map_batches(tag, batch_format="pyarrow", batch_size=None)
+        return source.map_batches(chunks, batch_format="pyarrow", batch_size=None)
 
     already = sum(len(done[n]) for n in sets)
     datasets = [for_set(name) for name in sets]
     ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
     ds = ds.map_batches(
-        Generator, batch_format="numpy", batch_size=batch_size,
+        Generator, batch_format="numpy", batch_size=1,  # one row = one prepared batch of one set
         fn_constructor_kwargs={"backbone": None if backbone is None else str(backbone),
                                "sampler": None if sampler is None else str(sampler),
                                "sets": {n: asdict(s) for n, s in sets.items()}, "out_dir": str(out_dir),

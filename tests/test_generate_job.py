@@ -21,7 +21,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import ray  # noqa: E402
 
 from ray_jobs.generate import DEFAULTS, main, read_outputs, run_generate  # noqa: E402
-from sampler import JointSampler, load_backbone  # noqa: E402
+from sampler import JointSampler, generate, load_backbone  # noqa: E402
 from sampler.toy import make_toy_backbone  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,6 +72,14 @@ def test_outputs_counters_and_bad_rows(toy, ray_cluster, tmp_path):
         # k=4 tokens per full pass on 8 tokens: at least 2 passes, at most 4 tokens per pass
         assert r["full_passes"] >= 2 and r["tokens_per_pass"] <= 4.0 + 1e-9
         assert r["batch_sampler_passes"] > 0
+    # each batch of consecutive valid rows replays with the library call at seed = settings seed + first row
+    b = load_backbone(bb)
+    sampler = JointSampler.load(samp, b)
+    for chunk in (rows[:4], rows[4:8], rows[8:]):
+        again = generate(b, [r["prompt_ids"] for r in chunk], sampler=sampler, mode="joint", k=4,
+                         gen_length=8, seed=chunk[0]["row"])
+        assert again.tokens == [r["tokens"] for r in chunk] and chunk[0]["seed"] == chunk[0]["row"]
+        assert {r["batch_size"] for r in chunk} == {len(chunk)}
     errs = [json.loads(x) for x in (tmp_path / "o" / "errors.jsonl").read_text().splitlines()]
     assert [e["row"] for e in errs] == [1, 3, 4]
     assert json.loads((tmp_path / "o" / "summary.json").read_text())["rows"] == 9
