@@ -8,6 +8,7 @@ The judge is a causal LM loaded through our own `load_backbone(path, require_mas
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -146,15 +147,44 @@ def mauve_score(p_features: np.ndarray, q_features: np.ndarray, *, seeds: Sequen
     return {"mean": float(np.mean(vals)), "se": spread, "n": int(min(len(p), len(q))), "values": vals}
 
 
-def validity(examples: Sequence[dict], answers: Sequence[str]) -> dict:
-    """Share of valid task answers (mean, standard error, count) and the per-task breakdown."""
-    from sampler.tasks import validate
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
-    ok = [float(validate(ex, ans)) for ex, ans in zip(examples, answers, strict=True)]
+
+def extract_answer_number(text: str) -> float | None:
+    """GSM8K-style answer extraction: the number after the last '####' if there is one, else the last
+    number in the text (thousands separators allowed). None when the text has no number."""
+    if "####" in text:
+        text = text.rsplit("####", 1)[1]
+    found = _NUMBER.findall(text)
+    if not found:
+        return None
+    try:
+        return float(found[-1].replace(",", ""))
+    except ValueError:
+        return None
+
+
+def is_correct(example: dict, answer: str) -> bool:
+    """A checkable answer: an embedded task (`task` names one in sampler.tasks) or a benchmark row with a
+    reference `answer` (GSM8K-style: its final number must equal the generated text's)."""
+    from sampler.tasks import TASKS, validate
+
+    if example.get("task") in TASKS:
+        return validate(example, answer)
+    if "answer" in example:
+        want = extract_answer_number(str(example["answer"]))
+        got = extract_answer_number(answer)
+        return want is not None and got is not None and abs(want - got) < 1e-6
+    raise KeyError(f"example has neither a known task ({example.get('task')!r}) nor a reference 'answer'")
+
+
+def validity(examples: Sequence[dict], answers: Sequence[str]) -> dict:
+    """Share of valid / correct answers (mean, standard error, count) and the breakdown per task."""
+    ok = [float(is_correct(ex, ans)) for ex, ans in zip(examples, answers, strict=True)]
     out = mean_se(ok)
     per_task: dict[str, list[float]] = {}
     for ex, v in zip(examples, ok, strict=True):
-        per_task.setdefault(ex["task"], []).append(v)
+        per_task.setdefault(str(ex.get("task", "answer")), []).append(v)
     out["per_task"] = {t: mean_se(v) for t, v in sorted(per_task.items())}
     return out
 

@@ -125,3 +125,15 @@ def test_vllm_judge_agrees_with_the_torch_path(tmp_path):
     got = VllmJudge(tmp_path / "judge", max_model_len=256).score(prompts, gens)
     assert list(got["n_tokens"]) == list(want["n_tokens"])
     assert np.allclose(got["nll_sum"] / got["n_tokens"], want["nll_sum"] / want["n_tokens"], atol=2e-3)
+
+
+def test_benchmark_answers_gsm8k_style():
+    assert metrics.extract_answer_number("so she has 3 + 4 = 7 apples. #### 1,234") == 1234.0
+    assert metrics.extract_answer_number("The answer is -2.5.") == -2.5
+    assert metrics.extract_answer_number("no digits") is None
+    rows = [{"prompt": "q1", "answer": "... #### 72"}, {"prompt": "q2", "answer": "#### 10"},
+            {"prompt": "q3", "answer": "#### 5"}]
+    v = metrics.validity(rows, ["She sold 48 + 24 = 72 clips.", "It is 11.", "nothing"])
+    assert v["mean"] == pytest.approx(1 / 3) and v["per_task"]["answer"]["n"] == 3
+    with pytest.raises(KeyError, match="neither"):
+        metrics.validity([{"prompt": "x"}], ["y"])
