@@ -161,7 +161,9 @@ class Scorer:
         if backend == "auto":
             backend = "vllm" if vllm_available() else "torch"
         self.backend = backend
-        self.vllm = VllmJudge(judge) if judge and backend == "vllm" else None
+        # on CPU, vLLM's memory share is of host RAM (0.92 by default): keep it small there
+        extra = {} if device == "cuda" else {"gpu_memory_utilization": 0.2}
+        self.vllm = VllmJudge(judge, **extra) if judge and backend == "vllm" else None
         self.features = features
         self.hf_model = hf_model
         self.batch_size = batch_size
