@@ -39,7 +39,7 @@ DEFAULTS: dict[str, Any] = {
     "backbone": None,  # null = the embedded backbone
     "dtype": None,  # null = the checkpoint's dtype; float32 | bfloat16 | float16 (generation)
     "sampler": None,  # joint sampler dir (required for joint rows)
-    "judge": "auto",  # auto = the embedded judge when present; a causal LM dir; null = no judge
+    "judge": "auto",  # auto = the embedded judge if present and of the backbone's vocabulary; a dir; null
     "judge_backend": "torch",  # torch | vllm (optional extra) | auto (vllm when it imports)
     "ks": [1, 2, 4, 8],
     "methods": ["marginal", "joint"],  # compared against exact at every k > 1
@@ -53,7 +53,7 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "reference_seed": 100003,  # the second exact draw: MAUVE reference
     # tasks: checkable answers, stop at EOS
-    "tasks": "auto",  # auto = the embedded task prompts with the embedded backbone; a JSONL; null = none
+    "tasks": "auto",  # auto = the embedded task prompts for a backbone trained on them; a JSONL; null = none
     "task_prompts": 150,  # how many task prompts to use
     "task_gen_length": 24,
     "task_temperature": 1.0,
@@ -102,16 +102,28 @@ def plan_sets(cfg: dict, kind: str) -> dict[str, Settings]:
     return sets
 
 
-def resolve_judge(judge: str | None) -> str | None:
+def resolve_judge(judge: str | None, backbone: str | None) -> str | None:
+    """auto: the embedded judge when it exists and speaks the backbone's vocabulary (a tiny judge of
+    another tokenizer says nothing about a 7B model's text)."""
     from sampler.backbone import DEFAULT_JUDGE
 
     if judge == "auto":
-        return str(DEFAULT_JUDGE) if (DEFAULT_JUDGE / "config.json").exists() else None
+        if not (DEFAULT_JUDGE / "config.json").exists():
+            return None
+        return str(DEFAULT_JUDGE) if same_vocabulary(backbone, str(DEFAULT_JUDGE)) else None
     if judge in (None, "", "none"):
         return None
     if not (Path(judge) / "config.json").exists():
         raise FileNotFoundError(f"judge {judge}: not a checkpoint directory (no config.json)")
     return str(judge)
+
+
+def trained_on_tasks(backbone: str | None) -> bool:
+    """The embedded backbone (its config records `embedded_pretrain`) learnt the sampler.tasks tasks."""
+    from ray_jobs.teacher import backbone_path
+
+    cfg = backbone_path(backbone) / "config.json"
+    return cfg.exists() and "embedded_pretrain" in json.loads(cfg.read_text())
 
 
 def resolve_tasks(tasks: str | None, backbone: str | None, out: Path, n: int) -> Path | None:
@@ -120,7 +132,7 @@ def resolve_tasks(tasks: str | None, backbone: str | None, out: Path, n: int) ->
     if tasks in (None, "", "none"):
         return None
     if tasks == "auto":
-        if backbone is not None:
+        if not trained_on_tasks(backbone):
             return None
         src = Path(__file__).resolve().parent.parent / "sampler" / "assets" / "prompts" / "tasks.jsonl"
         if not src.exists():
@@ -505,7 +517,7 @@ def run_evaluate(config: dict | None = None, log=print) -> dict:
     check_config(cfg)
     out = Path(cfg["out"])
     out.mkdir(parents=True, exist_ok=True)
-    judge = resolve_judge(cfg["judge"])
+    judge = resolve_judge(cfg["judge"], cfg["backbone"])
     features = [f for f in cfg["mauve_features"] if f != "judge" or judge]
     task_file = resolve_tasks(cfg["tasks"], cfg["backbone"], out, int(cfg["task_prompts"]))
     lang_sets = plan_sets(cfg, "lang")
@@ -546,10 +558,10 @@ def run_evaluate(config: dict | None = None, log=print) -> dict:
         if judge or features:
             same_vocab = same_vocabulary(cfg["backbone"], judge) if judge else True
             scorer_cls = ray.remote(num_cpus=float(cfg["cpus_per_actor"]), num_gpus=gpus)(Scorer)
-            pool = ActorPool([scorer_cls.remote(judge, features, cfg["hf_features_model"], threads,
-                                                "cuda" if gpus else "cpu", int(cfg["judge_batch_size"]),
-                                                cfg["judge_backend"])
-                              for _ in range(int(cfg["actors"]))])
+            scorers = [scorer_cls.remote(judge, features, cfg["hf_features_model"], threads,
+                                         "cuda" if gpus else "cpu", int(cfg["judge_batch_size"]),
+                                         cfg["judge_backend"]) for _ in range(int(cfg["actors"]))]
+            pool = ActorPool(scorers)
 
             def submit(actor, n):
                 t = tables[n]
@@ -558,9 +570,13 @@ def run_evaluate(config: dict | None = None, log=print) -> dict:
                                           [p or "" for p in t.column("prompt").to_pylist()],
                                           t.column("text").to_pylist(), same_vocab, lang_sets[n].stop_at_eos)
 
-            for s in pool.map_unordered(submit, list(lang_sets)):
-                scores[s["name"]] = s
-                log(f"  scored {s['name']} in {s['score_s']:.1f}s")
+            try:
+                for s in pool.map_unordered(submit, list(lang_sets)):
+                    scores[s["name"]] = s
+                    log(f"  scored {s['name']} in {s['score_s']:.1f}s")
+            finally:  # free their CPUs / GPUs at once on a shared cluster
+                for a in scorers:
+                    ray.kill(a)
             ref = scores[set_name("lang", "exact-ref", 1)]
             for n, s in scores.items():
                 if n.endswith("exact-ref"):
