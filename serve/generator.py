@@ -1,18 +1,18 @@
 """The generator deployment: the backbone and the joint sampler on one device, requests batched at the
 denoising-step level.
 
-Batching: every request becomes a job in the replica's queue. One loop per replica takes the oldest job
-plus every waiting job with compatible decoding settings (same gen length, mode, k, temperature, top_p,
-policy, block length, EOS handling) and runs them as the rows of ONE `sampler.generate` call, so they share
-every full backbone pass and every sampler pass. Jobs that arrive while a batch runs wait and form the
-next batch together (admission is per batch, not per step: `generate` runs a batch to the end). The model
-runs in a worker thread, so the replica keeps accepting requests, answering stats and streaming while it
-decodes. A request with an explicit `seed` runs as its own batch, so the same request and seed give the
-same text.
+Continuous batching: every request becomes a job in the replica's queue. Jobs with the same step-shaping
+settings (mode, k, temperature, top_p, policy, block length, EOS handling) form a lane: their sequences are
+rows of one batch, each right-aligned after left padding, so rows of any prompt and gen length share every
+full backbone pass and every sampler pass. One loop per replica runs one full pass at a time (round-robin
+over lanes); between passes, waiting jobs join their lane and finished rows leave it, so a request never
+waits for another request's whole generation. The step is `sampler.generate`'s algorithm (same building
+blocks from `sampler.decode`) on a batch that changes between passes. The model runs in a worker thread,
+so the replica keeps accepting requests, answering stats and streaming while it decodes. A request with an
+explicit `seed` gets a lane of its own, so the same request and seed give the same text.
 
-Streaming: `on_step` after each full pass gives the generated region; each row's longest finished prefix
-(positions decoded contiguously from the start, cut at EOS or a stop string) is decoded and its growth is
-sent as a delta event.
+Streaming: after each full pass, each streaming row's longest finished prefix (positions decoded
+contiguously from the start, cut at EOS or a stop string) is decoded and its growth is sent as a delta.
 
 Everything that depends on the served model (context length, limits, whether a sampler is loaded,
 tokenization, chat template) is checked here; a bad request gets an error event, never an exception, so a
@@ -25,7 +25,6 @@ import asyncio
 import logging
 import os
 import secrets
-import threading
 import time
 import uuid
 from collections import Counter, deque
@@ -68,7 +67,7 @@ class Row:
     finished: bool = False
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a job is one request
 class Job:
     id: str
     prompts: list[list[int]]  # one token-id row per choice
@@ -81,6 +80,14 @@ class Job:
     enqueued: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
     rows: list[Row] = field(default_factory=list)
+    # filled while decoding
+    admitted: float = 0.0
+    tokens: list[list[int] | None] = field(default_factory=list)  # per row, once finished
+    full_passes: int = 0
+    sampler_passes: int = 0
+    max_batch_requests: int = 0
+    max_batch_rows: int = 0
+    shared_passes: int = 0  # full passes this request shared with at least one other request
 
     def emit(self, event: dict[str, Any]) -> None:
         """Thread-safe: the model thread hands events to the replica's event loop."""
@@ -132,13 +139,11 @@ class Engine:
         self.batch_wait_s = float(batch_wait_s)
         self.created = int(time.time())
         self._waiting: deque[Job] = deque()
+        self._lanes: dict[tuple, Lane] = {}
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
-        self._running = 0
-        self._lock = threading.Lock()  # one generate() at a time on the device
-        self._stats = {"batches": 0, "requests": 0, "rows": 0, "max_batch_requests": 0, "full_passes": 0,
-                       "errors": 0}
-        self._hist: Counter[int] = Counter()
+        self._stats = {"full_passes": 0, "requests": 0, "rows": 0, "max_batch_requests": 0, "errors": 0}
+        self._hist: Counter[int] = Counter()  # requests per full pass -> number of full passes
         self._recent: deque[int] = deque(maxlen=64)
 
     # ---- introspection -----------------------------------------------------------------------------
@@ -162,9 +167,12 @@ class Engine:
         return os.getpid()
 
     def stats(self) -> dict[str, Any]:
+        lanes = list(self._lanes.values())
         return {**self._stats, "batch_requests_hist": {str(k): v for k, v in sorted(self._hist.items())},
-                "recent_batch_requests": list(self._recent), "waiting": len(self._waiting),
-                "running": self._running, "pid": os.getpid(), "replica": self.replica_id()}
+                "recent_batch_requests": list(self._recent),
+                "waiting": len(self._waiting) + sum(len(lane.pending) for lane in lanes),
+                "running": sum(len(lane.jobs()) for lane in lanes), "lanes": len(lanes),
+                "pid": os.getpid(), "replica": self.replica_id()}
 
     def effective_defaults(self) -> dict[str, Any]:
         d = dict(self.defaults)
@@ -242,8 +250,9 @@ class Engine:
                     "block_length": d.get("block_length", eff["block_length"]),
                     "stop_at_eos": bool(d.get("stop_at_eos", eff["stop_at_eos"]))}
         seed = d.get("seed")
-        key = tuple(settings[f] for f in sorted(settings)) + (("seed", seed, uuid.uuid4().hex)
-                                                               if seed is not None else ("shared",))
+        # rows of any gen length share full passes; everything else that shapes a step must match
+        key = tuple(settings[f] for f in sorted(settings) if f != "gen_length") + (
+            ("seed", seed, uuid.uuid4().hex) if seed is not None else ("shared",))
         if seed is not None:
             settings["seed"] = int(seed)
         rows = [p for p in prompts for _ in range(n)]
@@ -278,105 +287,104 @@ class Engine:
             job.cancelled = True  # client gone: a waiting job is dropped; a running one finishes its batch
 
     async def _batch_loop(self) -> None:
+        """Continuous batching: one full pass at a time, round-robin over lanes (a lane = the requests with
+        one set of step-shaping settings). Waiting requests join their lane at the next pass boundary;
+        finished rows leave it."""
+        turn = 0
         while True:
-            if not self._waiting:
+            while self._waiting:
+                job = self._waiting.popleft()
+                if not job.cancelled:
+                    lane = self._lanes.get(job.key)
+                    if lane is None:
+                        lane = self._lanes[job.key] = Lane(self, job.settings)
+                    lane.pending.append(job)
+            for key in [k for k, lane in self._lanes.items() if lane.idle()]:
+                del self._lanes[key]
+            if not self._lanes:
                 self._wake.clear()
                 await self._wake.wait()
-                # just woken from idle: give concurrent arrivals a moment to join this batch
+                # just woken from idle: give concurrent arrivals a moment to share the first pass
                 if self.batch_wait_s > 0:
                     await asyncio.sleep(self.batch_wait_s)
                 continue
-            jobs = self._take_batch()
-            if not jobs:
-                continue
-            self._running = len(jobs)
+            lanes = list(self._lanes.values())
+            lane = lanes[turn % len(lanes)]
+            turn += 1
             try:
-                await asyncio.to_thread(self._run_batch, jobs)
-            finally:
-                self._running = 0
+                await asyncio.to_thread(self._step, lane)
+            except Exception as e:  # never let one step kill the replica: its requests get a clean error
+                self._stats["errors"] += 1
+                log.exception("decoding step failed")
+                status = 400 if isinstance(e, ValueError) else 500
+                for job in lane.jobs() + list(lane.pending):
+                    job.emit({"event": "error", "status": status, "message": f"generation failed: {e}",
+                              "param": None, "code": "generation_failed",
+                              "type": "invalid_request_error" if status == 400 else "server_error"})
+                self._lanes = {k: v for k, v in self._lanes.items() if v is not lane}
 
-    def _take_batch(self) -> list[Job]:
-        """The oldest live job and every waiting job compatible with it, up to max_batch_size rows."""
-        while self._waiting and self._waiting[0].cancelled:
-            self._waiting.popleft()
-        if not self._waiting:
-            return []
-        key = self._waiting[0].key
-        batch, rest, rows = [], deque(), 0
-        for job in self._waiting:
-            if job.cancelled:
-                continue
-            if job.key == key and rows + len(job.prompts) <= self.max_batch_size:
-                batch.append(job)
-                rows += len(job.prompts)
-            else:
-                rest.append(job)
-        self._waiting = rest
-        return batch
-
-    def _run_batch(self, jobs: list[Job]) -> None:
-        from sampler import generate
-
-        started = time.perf_counter()
-        settings = dict(jobs[0].settings)
-        settings.setdefault("seed", secrets.randbits(31))
-        prompts = [p for job in jobs for p in job.prompts]
-        where = [(job, r) for job in jobs for r in range(len(job.prompts))]
-        eos = self.backbone.eos_id if settings["stop_at_eos"] else None
-        streaming = any(job.stream for job in jobs)
-
-        def on_step(gen: torch.Tensor) -> None:
-            ids = gen.tolist()
-            for i, (job, r) in enumerate(where):
-                if job.stream and not job.cancelled and not job.rows[r].finished:
-                    self._stream_row(job, r, ids[i], eos)
-
-        try:
-            with self._lock:
-                res = generate(self.backbone, prompts, sampler=self.sampler,
-                               on_step=on_step if streaming else None, **settings)
-        except Exception as e:  # never let one batch kill the replica; its requests get a clean error
-            self._stats["errors"] += 1
-            log.exception("batch of %d request(s) failed", len(jobs))
-            status = 400 if isinstance(e, ValueError) else 500
-            for job in jobs:
-                job.emit({"event": "error", "status": status, "message": f"generation failed: {e}",
-                          "param": None, "code": "generation_failed",
-                          "type": "invalid_request_error" if status == 400 else "server_error"})
+    def _step(self, lane: Lane) -> None:
+        """In the model thread: admit, one full pass (+ its sampler passes), stream, retire."""
+        lane.drop_cancelled()
+        while lane.pending and lane.n_rows() + len(lane.pending[0].prompts) <= self.max_batch_size:
+            job = lane.pending.popleft()
+            if not job.cancelled:
+                job.admitted = time.perf_counter()
+                job.tokens = [None] * len(job.prompts)
+                lane.admit(job)
+        if not lane.n_rows():
             return
-        decode_s = time.perf_counter() - started
-        self._stats["batches"] += 1
-        self._stats["requests"] += len(jobs)
-        self._stats["rows"] += len(prompts)
-        self._stats["full_passes"] += res.full_passes
-        self._stats["max_batch_requests"] = max(self._stats["max_batch_requests"], len(jobs))
-        self._hist[len(jobs)] += 1
-        self._recent.append(len(jobs))
-        info = {"mode": settings["mode"], "k": settings["k"], "full_passes": res.full_passes,
-                "sampler_passes": res.sampler_passes, "batch_requests": len(jobs), "batch_rows": len(prompts),
-                "decode_s": round(decode_s, 4), "replica": self.replica_id(), "replica_pid": os.getpid()}
-        i = 0
+        jobs = lane.jobs()
+        sampler_passes = lane.step()
+        n_jobs, n_rows = len(jobs), lane.n_rows()
+        self._stats["full_passes"] += 1
+        self._stats["max_batch_requests"] = max(self._stats["max_batch_requests"], n_jobs)
+        self._hist[n_jobs] += 1
+        self._recent.append(n_jobs)
         for job in jobs:
-            choices, completion_tokens = [], 0
-            for r in range(len(job.prompts)):
-                tokens = res.tokens[i]
-                i += 1
-                n_tok = tokens.index(eos) if eos is not None and eos in tokens else len(tokens)
-                text = self.backbone.tokenizer.decode(tokens[:n_tok], skip_special_tokens=True)
-                text, hit_stop = cut_at_stop(text, job.stop)
-                finish = "stop" if hit_stop or n_tok < len(tokens) else "length"
-                completion_tokens += n_tok
-                if job.stream:
-                    row = job.rows[r]
-                    if not row.finished and text.startswith(row.sent) and len(text) > len(row.sent):
-                        job.emit({"event": "delta", "index": r, "text": text[len(row.sent):]})
-                    row.sent, row.finished = text, True
-                choices.append({"index": r, "text": text, "finish_reason": finish})
-            prompt_tokens = sum(len(p) for p in job.prompts)
-            job.emit({"event": "done", "choices": choices,
-                      "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                                "total_tokens": prompt_tokens + completion_tokens},
-                      "info": {**info, "queue_s": round(started - job.enqueued, 4)}})
+            job.full_passes += 1
+            job.sampler_passes += sampler_passes
+            job.max_batch_requests = max(job.max_batch_requests, n_jobs)
+            job.max_batch_rows = max(job.max_batch_rows, n_rows)
+            job.shared_passes += n_jobs > 1
+        eos = self.backbone.eos_id if lane.settings["stop_at_eos"] else None
+        for job, r, ids, done in lane.rows_after_step():
+            if done:
+                job.tokens[r] = ids
+            elif job.stream and not job.cancelled and not job.rows[r].finished:
+                self._stream_row(job, r, ids, eos)
+        for job in jobs:
+            if all(t is not None for t in job.tokens):
+                self._finish(job, lane.settings)
+
+    def _finish(self, job: Job, settings: dict[str, Any]) -> None:
+        done_at = time.perf_counter()
+        eos = self.backbone.eos_id if settings["stop_at_eos"] else None
+        choices, completion_tokens = [], 0
+        for r, tokens in enumerate(job.tokens):
+            n_tok = tokens.index(eos) if eos is not None and eos in tokens else len(tokens)
+            text = self.backbone.tokenizer.decode(tokens[:n_tok], skip_special_tokens=True)
+            text, hit_stop = cut_at_stop(text, job.stop)
+            finish = "stop" if hit_stop or n_tok < len(tokens) else "length"
+            completion_tokens += n_tok
+            if job.stream:
+                row = job.rows[r]
+                if not row.finished and text.startswith(row.sent) and len(text) > len(row.sent):
+                    job.emit({"event": "delta", "index": r, "text": text[len(row.sent):]})
+                row.sent, row.finished = text, True
+            choices.append({"index": r, "text": text, "finish_reason": finish})
+        self._stats["requests"] += 1
+        self._stats["rows"] += len(job.prompts)
+        prompt_tokens = sum(len(p) for p in job.prompts)
+        info = {"mode": settings["mode"], "k": settings["k"], "full_passes": job.full_passes,
+                "sampler_passes": job.sampler_passes, "batch_requests": job.max_batch_requests,
+                "batch_rows": job.max_batch_rows, "shared_passes": job.shared_passes,
+                "queue_s": round(job.admitted - job.enqueued, 4),
+                "decode_s": round(done_at - job.admitted, 4),
+                "replica": self.replica_id(), "replica_pid": os.getpid()}
+        job.emit({"event": "done", "choices": choices, "info": info,
+                  "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                            "total_tokens": prompt_tokens + completion_tokens}})
 
     def _stream_row(self, job: Job, r: int, ids: list[int], eos: int | None) -> None:
         """Send the growth of row r's longest finished prefix (contiguous from the start, cut at EOS)."""
@@ -397,6 +405,152 @@ class Engine:
             job.emit({"event": "delta", "index": r, "text": text[len(row.sent):]})
             row.sent = text
         row.finished = hit_stop or ended
+
+
+BIG = 1 << 30  # block id of columns that are not generated
+
+
+class Lane:
+    """Rows decoding with one set of settings, each right-aligned in a shared [rows, columns] batch:
+    left padding, prompt, generated region. Rows join and leave between full passes; a step is one full
+    pass and up to k-1 sampler passes, the same algorithm as `sampler.generate` with the batch
+    changing between passes (DESIGN 1.2)."""
+
+    def __init__(self, engine: Engine, settings: dict[str, Any]):
+        self.engine = engine
+        self.b = engine.backbone
+        self.settings = settings
+        dev = self.b.device
+        self.rng = torch.Generator(device=dev).manual_seed(int(settings.get("seed", secrets.randbits(31))))
+        self.pending: deque[Job] = deque()
+        self.owners: list[tuple[Job, int, int]] = []  # per batch row: job, row index in the job, gen length
+        self.x = torch.empty(0, 0, dtype=torch.long, device=dev)
+        self.attn = torch.empty(0, 0, dtype=torch.bool, device=dev)
+        self.block_id = torch.empty(0, 0, dtype=torch.long, device=dev)
+        self.ctx = None
+
+    def n_rows(self) -> int:
+        return len(self.owners)
+
+    def jobs(self) -> list[Job]:
+        return list(dict.fromkeys(job for job, _, _ in self.owners))
+
+    def idle(self) -> bool:
+        return not self.owners and not self.pending
+
+    def _pad_left(self, width: int) -> None:
+        if width <= 0:
+            return
+        B, dev = self.x.shape[0], self.b.device
+        pad = self.b.pad_id if self.b.pad_id is not None else self.b.mask_id
+        self.x = torch.cat([torch.full((B, width), pad, dtype=torch.long, device=dev), self.x], 1)
+        self.attn = torch.cat([torch.zeros(B, width, dtype=torch.bool, device=dev), self.attn], 1)
+        self.block_id = torch.cat([torch.full((B, width), BIG, dtype=torch.long, device=dev),
+                                   self.block_id], 1)
+
+    def admit(self, job: Job) -> None:
+        G = job.settings["gen_length"]
+        need = max(len(p) for p in job.prompts) + G
+        self._pad_left(need - self.x.shape[1])
+        L, dev = self.x.shape[1], self.b.device
+        pad = self.b.pad_id if self.b.pad_id is not None else self.b.mask_id
+        block = self.settings["block_length"] or G
+        xs, attn, blocks = [], [], []
+        for r, p in enumerate(job.prompts):
+            n_pad = L - len(p) - G
+            xs.append(torch.tensor([pad] * n_pad + list(p) + [self.b.mask_id] * G, dtype=torch.long))
+            attn.append(torch.tensor([False] * n_pad + [True] * (len(p) + G)))
+            blocks.append(torch.cat([torch.full((L - G,), BIG, dtype=torch.long), torch.arange(G) // block]))
+            self.owners.append((job, r, G))
+        self.x = torch.cat([self.x, torch.stack(xs).to(dev)])
+        self.attn = torch.cat([self.attn, torch.stack(attn).to(dev)])
+        self.block_id = torch.cat([self.block_id, torch.stack(blocks).to(dev)])
+        self.ctx = None
+
+    def _keep(self, keep: list[int]) -> None:
+        if len(keep) == len(self.owners):
+            return
+        idx = torch.tensor(keep, dtype=torch.long, device=self.b.device)
+        self.x, self.attn, self.block_id = self.x[idx], self.attn[idx], self.block_id[idx]
+        self.owners = [self.owners[i] for i in keep]
+        # drop the columns that are padding in every remaining row
+        first = int(self.attn.any(0).nonzero()[0]) if keep else self.x.shape[1]
+        self.x, self.attn, self.block_id = self.x[:, first:], self.attn[:, first:], self.block_id[:, first:]
+        self.ctx = None
+
+    def drop_cancelled(self) -> None:
+        """A request whose client went away stops using the device at once."""
+        self._keep([i for i, (job, _, _) in enumerate(self.owners) if not job.cancelled])
+
+    def step(self) -> int:
+        """One full pass and its sampler passes for every row; returns the number of sampler passes."""
+        from sampler.decode import candidate_logits, position_scores, process_logits
+
+        b, s, x = self.b, self.settings, self.x
+        mask_id, eos_id = b.mask_id, b.eos_id
+        attn_mask = None if bool(self.attn.all()) else self.attn
+        if self.ctx is None:
+            self.ctx = b.context(x, attn_mask)
+        gen_cols = self.block_id < BIG
+        masked = (x == mask_id) & gen_cols
+        # candidates: still-masked positions in each row's current (first unfinished) block
+        first_block = torch.where(masked, self.block_id, BIG).min(dim=1, keepdim=True).values
+        allowed = masked & (self.block_id == first_block)
+        M = int(allowed.sum(1).max())
+        if M == 0:
+            return 0
+        cand = torch.sort((~allowed).to(torch.int8), dim=1, stable=True).indices[:, :M]  # absolute columns
+        valid = torch.gather(allowed, 1, cand)
+        rows = torch.arange(x.shape[0], device=x.device)
+        cols = torch.arange(x.shape[1], device=x.device)
+        temperature, top_p, policy = s["temperature"], s["top_p"], s["policy"]
+        sampler = self.engine.sampler if s["mode"] == "joint" else None
+        k = 1 if s["mode"] == "exact" else s["k"]
+        with torch.inference_mode():
+            h = b.hidden(x, attn_mask, self.ctx)  # the full pass
+            logits = candidate_logits(b, h, cand)
+            probs = process_logits(logits, temperature, top_p)
+            scores = position_scores(probs, policy, self.rng)
+            sampler_passes = 0
+            for j in range(min(k, M)):
+                go = valid.any(1)
+                pick = scores.masked_fill(~valid, float("-inf")).argmax(1)
+                if temperature == 0:
+                    token = logits[rows, pick].argmax(-1)
+                else:
+                    token = torch.multinomial(probs[rows, pick], 1, generator=self.rng).squeeze(1)
+                pos = cand[rows, pick]
+                x[rows, pos] = torch.where(go, token, x[rows, pos])
+                valid[rows, pick] = False
+                if s["stop_at_eos"] and eos_id is not None:
+                    # an EOS ends the row: everything after it becomes EOS and leaves the candidates
+                    hit = go & (token == eos_id)
+                    after = hit[:, None] & (cols[None] > pos[:, None]) & gen_cols
+                    x.masked_fill_(after & (x == mask_id), eos_id)
+                    valid &= ~torch.gather(after, 1, cand)
+                if sampler is not None and j < min(k, M) - 1:
+                    h = sampler(b.embed(x), h, self.ctx)
+                    sampler_passes += 1
+                    logits = candidate_logits(b, h, cand)
+                    probs = process_logits(logits, temperature, top_p)
+                    scores = position_scores(probs, policy, self.rng)
+        return sampler_passes
+
+    def rows_after_step(self) -> list[tuple[Job, int, list[int], bool]]:
+        """(job, row, generated ids, finished) for every row; finished rows leave the lane."""
+        streaming = any(job.stream for job, _, _ in self.owners)
+        left = ((self.x == self.b.mask_id) & (self.block_id < BIG)).any(1).tolist()
+        host = self.x.cpu() if streaming or not all(left) else None
+        out, keep = [], []
+        for i, (job, r, G) in enumerate(self.owners):
+            if left[i]:
+                keep.append(i)
+                if job.stream:
+                    out.append((job, r, host[i, -G:].tolist(), False))
+            else:
+                out.append((job, r, host[i, -G:].tolist(), True))
+        self._keep(keep)
+        return out
 
 
 def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:

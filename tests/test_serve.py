@@ -7,6 +7,7 @@ change the generator's replicas, so they run after the request tests.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -24,9 +25,10 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
-from sampler import JointSampler, encode_prompts, load_backbone  # noqa: E402
+from sampler import JointSampler, encode_prompts, generate, load_backbone  # noqa: E402
 from sampler.toy import make_toy_backbone  # noqa: E402
 from serve.app import AppArgs, api_key_hash, build, load_config, main  # noqa: E402
+from serve.generator import Engine  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -131,6 +133,59 @@ def test_committed_configs_parse():
             assert http["host"] == "127.0.0.1"
         else:
             assert args["require_api_key"] is True
+
+
+# --- the generator's engine in-process (no Ray): continuous batching against sampler.generate ---------------
+
+
+def _collect(engine: Engine, prompt: str, **decoding) -> list[dict]:
+    async def run():
+        request = {"kind": "completion", "prompt": prompt, "decoding": decoding, "stream": False}
+        return [event async for event in engine.submit(request)]
+
+    return run()
+
+
+@pytest.fixture(scope="module")
+def engine(toy):
+    return Engine(toy["backbone"], toy["sampler"], batch_wait_s=0.0, torch_threads=1)
+
+
+@pytest.mark.parametrize("decoding", [{"mode": "exact"}, {"mode": "joint", "k": 4},
+                                      {"mode": "marginal", "k": 3, "block_length": 5},
+                                      {"mode": "joint", "k": 2, "stop_at_eos": True}])
+def test_engine_matches_sampler_generate(engine, toy, decoding):
+    decoding = {"temperature": 0.0, "max_tokens": 20, "stop_at_eos": False, **decoding}
+    events = asyncio.run(_collect(engine, "The quick brown", **decoding))
+    assert [e["event"] for e in events] == ["accepted", "done"]
+    ref = generate(toy["bb"], encode_prompts(toy["bb"], ["The quick brown"]), sampler=engine.sampler,
+                   mode=decoding["mode"], k=decoding.get("k", 1), gen_length=20, temperature=0.0,
+                   block_length=decoding.get("block_length"), stop_at_eos=decoding["stop_at_eos"])
+    done = events[-1]
+    assert done["choices"][0]["text"] == ref.text[0]
+    assert done["info"]["full_passes"] == ref.full_passes
+    assert done["info"]["sampler_passes"] == ref.sampler_passes
+
+
+def test_engine_late_request_joins_a_running_one(engine, toy):
+    greedy = {"mode": "exact", "temperature": 0.0, "stop_at_eos": False}
+
+    async def run():
+        long = asyncio.create_task(_collect(engine, "A long one", max_tokens=64, **greedy))
+        while engine.stats()["running"] == 0:  # the long request is decoding
+            assert not long.done(), long.result()
+            await asyncio.sleep(0.005)
+        short = await _collect(engine, "A short one with a longer prompt", max_tokens=6, **greedy)
+        return await long, short
+
+    long, short = asyncio.run(run())
+    assert short[-1]["info"]["batch_requests"] == 2 and short[-1]["info"]["shared_passes"] == 6
+    assert long[-1]["info"]["full_passes"] == 64 and long[-1]["info"]["shared_passes"] == 6
+    assert short[-1]["info"]["decode_s"] < long[-1]["info"]["decode_s"]  # it did not wait for the long one
+    for events, prompt, n in ((long, "A long one", 64), (short, "A short one with a longer prompt", 6)):
+        ref = generate(toy["bb"], encode_prompts(toy["bb"], [prompt]), mode="exact", gen_length=n,
+                       temperature=0.0)
+        assert events[-1]["choices"][0]["text"] == ref.text[0]  # joining and leaving changes nothing
 
 
 # --- the running application ------------------------------------------------------------------------------
@@ -311,18 +366,19 @@ def test_body_size_limit(server):
 
 
 def test_concurrent_requests_are_batched(server, client):
-    def one(i):
-        return client.completions.create(model=server["model"], prompt=f"Request {i}", max_tokens=48,
+    def one(i):  # different prompt and gen lengths still share full passes
+        return client.completions.create(model=server["model"], prompt=f"Request number {i}" + " go" * i,
+                                         max_tokens=40 + i,
                                          extra_body={"mode": "exact", "stop_at_eos": False})
 
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(one, range(8)))
     sizes = [r.model_extra["jointgen"]["batch_requests"] for r in results]
     assert max(sizes) > 1, sizes
+    assert sum(r.model_extra["jointgen"]["shared_passes"] for r in results) > 0
+    assert [r.usage.completion_tokens for r in results] == [40 + i for i in range(8)]
     stats = httpx.get(server["url"] + "/v1/stats", timeout=30).json()
     assert stats["max_batch_requests"] > 1 and stats["requests"] >= 8
-    # requests with different settings never share a batch: every batch here had one gen length
-    assert all(r.usage.completion_tokens == 48 for r in results)
 
 
 def test_replica_killed_mid_request(server, client):
