@@ -1,13 +1,14 @@
 """Teacher throughput with 1 and with 2 actors, measured in one run on one local Ray cluster.
 
-Both runs decode the same trajectories (same config and seed: the shards are identical, which is checked)
-with the same total torch threads (the cluster's cores split among the actors). Throughput counts the
-decoding phase only (Ray start-up and model loading excluded); the ratio is 2-actor over 1-actor.
+Every run decodes the same trajectories (same config and seed: the shards are identical, which is checked):
+1 actor with all the cluster's CPUs as torch threads, 1 actor on 1 thread, 2 actors sharing the threads.
+Throughput counts the decoding phase only (Ray start-up and model loading excluded); the ratios are
+2 actors over each 1-actor setup, best of --repeats interleaved runs.
 
-    python benchmarks/teacher_throughput.py [--backbone DIR | --toy-dim 256] [--num-trajectories 64]
+    python benchmarks/teacher_throughput.py [--backbone DIR|toy] [--toy-dim 256] [--num-trajectories 64]
         [--gen-length 32] [--chunk-size 16] [--batch-size 16] [--cpus 2]
 
-Without --backbone it uses the embedded backbone if it exists, else a random toy of --toy-dim.
+Without --backbone it uses the embedded backbone if it exists, else a random toy (--toy-dim, --toy-layers).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from sampler.toy import make_toy_backbone  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backbone", default=None)
+    ap.add_argument("--backbone", default=None, help="checkpoint dir, or 'toy' (default: embedded, else toy)")
     ap.add_argument("--toy-dim", type=int, default=256)
     ap.add_argument("--toy-layers", type=int, default=4)
     ap.add_argument("--num-trajectories", type=int, default=64)
@@ -41,43 +42,47 @@ def main() -> None:
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        if args.backbone:
+        if args.backbone and args.backbone != "toy":
             backbone = Path(args.backbone)
-        elif (DEFAULT_BACKBONE / "config.json").exists():
+        elif args.backbone is None and (DEFAULT_BACKBONE / "config.json").exists():
             backbone = DEFAULT_BACKBONE
         else:
             d = args.toy_dim
             backbone = make_toy_backbone(Path(tmp) / "toy", dim=d, n_layers=args.toy_layers,
                                          n_heads=max(1, d // 64), n_kv_heads=max(1, d // 128))
         ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
-        results: dict[int, list[dict]] = {1: [], 2: []}
+        # (actors, torch threads per actor): the same total threads, plus one actor on one thread
+        setups = [(1, args.cpus), (1, 1), (2, max(1, args.cpus // 2))]
+        results: dict[tuple[int, int], list[dict]] = {su: [] for su in setups}
         try:
-            for rep in range(args.repeats):  # interleaved, so background load hits both alike
-                for actors in (1, 2):
-                    out = Path(tmp) / f"actors{actors}-{rep}"
+            for rep in range(args.repeats):  # interleaved, so background load hits every setup alike
+                for actors, threads in setups:
+                    out = Path(tmp) / f"a{actors}-t{threads}-{rep}"
                     s = run_teacher({"backbone": str(backbone), "out": str(out),
                                      "num_trajectories": args.num_trajectories, "gen_length": args.gen_length,
                                      "chunk_size": args.chunk_size, "batch_size": args.batch_size,
-                                     "actors": actors, "torch_threads": max(1, args.cpus // actors),
-                                     "progress": False})
-                    results[actors].append(s)
+                                     "actors": actors, "torch_threads": threads, "progress": False})
+                    results[(actors, threads)].append(s)
                     busy = ", ".join(f"{a['traj_per_s']:.2f}" for a in s["per_actor"])
-                    print(f"{actors} actor(s): {s['trajectories_this_run']} traj x {args.gen_length} tokens "
-                          f"in {s['decode_s']:.2f} s decoding ({s['startup_s']:.1f} s start-up): "
-                          f"{s['traj_per_s']:.2f} traj/s, {s['traj_per_s'] * args.gen_length:.1f} tok/s; "
-                          f"per actor {busy} traj/s busy", flush=True)
+                    print(f"{actors} actor(s) x {threads} thread(s): {s['trajectories_this_run']} traj x "
+                          f"{args.gen_length} tokens in {s['decode_s']:.2f} s decoding "
+                          f"({s['startup_s']:.1f} s start-up): {s['traj_per_s']:.2f} traj/s, "
+                          f"{s['traj_per_s'] * args.gen_length:.1f} tok/s; per actor {busy} traj/s busy",
+                          flush=True)
             shas = {tuple(e["sha256"] for e in read_manifest(Path(s["out"]))["shards"])
                     for runs in results.values() for s in runs}
             same = len(shas) == 1
         finally:
             ray.shutdown()
-    name = results[1][0]["backbone"]["name"]
-    best = {a: max(s["traj_per_s"] for s in runs) for a, runs in results.items()}
+    name = results[setups[0]][0]["backbone"]["name"]
+    best = {su: max(s["traj_per_s"] for s in runs) for su, runs in results.items()}
     print(f"backbone {name}; {args.cpus} CPUs; load average {os.getloadavg()[0]:.1f}; "
           f"identical shards in every run: {same}")
-    print(f"best of {args.repeats}: 1 actor {best[1]:.2f} traj/s, 2 actors {best[2]:.2f} traj/s; "
-          f"ratio 2 actors / 1 actor: {best[2] / best[1]:.2f}x")
-
+    print(f"best of {args.repeats} (traj/s): " + ", ".join(f"{a} actor(s) x {t} thread(s) {v:.2f}"
+                                                          for (a, t), v in best.items()))
+    two = best[setups[2]]
+    print(f"throughput ratio 2 actors / 1 actor: {two / best[setups[0]]:.2f}x (same total threads), "
+          f"{two / best[setups[1]]:.2f}x (vs 1 actor on 1 thread)")
 
 if __name__ == "__main__":
     main()

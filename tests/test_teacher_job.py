@@ -21,22 +21,25 @@ from ray_jobs.common import manifest_shards, read_manifest, sha256_file  # noqa:
 from ray_jobs.teacher import DEFAULTS, main, run_teacher, shard_name  # noqa: E402
 from sampler import ShardError, encode_prompts, generate, load_backbone, read_trajectories  # noqa: E402
 from sampler.schema import write_trajectories  # noqa: E402
-from sampler.toy import make_toy_backbone  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory) -> Path:
-    return make_toy_backbone(tmp_path_factory.mktemp("toy") / "backbone")
+def toy(toy_dir) -> Path:
+    """The checkpoint directory (conftest's `toy` is the loaded backbone)."""
+    return toy_dir
 
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
-    ray.shutdown()
+    if started:
+        ray.shutdown()
 
 
 def small(toy: Path, out: Path, **kw) -> dict:
