@@ -28,7 +28,9 @@ restarted by Ray Train from the latest checkpoint (`max_failures`); rerunning th
 `sampler.depth_metrics` per unroll depth, sampler vs the marginal baseline. Metrics go to
 `<out>/metrics.jsonl` and, on world rank 0 only, to wandb (`WANDB_MODE=offline` unless `wandb: online`;
 `wandb: disabled` turns it off). The final sampler is exported to `<out>/sampler`.
-On a multi-node cluster `out` must be on storage all nodes share (NFS, /mnt/cluster_storage).
+On a multi-node cluster, `data` and `out` should be on storage all nodes share (NFS, /mnt/cluster_storage):
+workers read the shards from `data` and rank 0 writes metrics.jsonl into `out`; checkpoints go to
+`storage_path` (default `<out>/ray`; an s3:// URI works too), from which the driver exports the sampler.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ DEFAULTS: dict[str, Any] = {
     "dtype": None,  # null = float32 on CPU, bfloat16 on GPU
     "out": "runs/train",
     "run_name": "train",  # Ray Train run name; the same out + run_name resumes
+    "storage_path": None,  # Ray Train storage (checkpoints); null = <out>/ray; s3://... or NFS on clusters
     "workers": 2,
     "cpus_per_worker": 0.5,  # fractional on small machines; GPUs: one per worker when use_gpu
     "use_gpu": None,  # null = when the cluster has GPUs
@@ -468,7 +471,7 @@ def run_train(config: dict[str, Any] | None = None) -> dict[str, Any]:
             train_loop, train_loop_config=worker_cfg,
             scaling_config=ScalingConfig(num_workers=cfg["workers"], use_gpu=bool(use_gpu),
                                          resources_per_worker=resources),
-            run_config=RunConfig(name=cfg["run_name"], storage_path=str(out / "ray"),
+            run_config=RunConfig(name=cfg["run_name"], storage_path=cfg["storage_path"] or str(out / "ray"),
                                  failure_config=FailureConfig(max_failures=cfg["max_failures"]),
                                  checkpoint_config=CheckpointConfig(num_to_keep=cfg["keep_checkpoints"])),
         )
