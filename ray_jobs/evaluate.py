@@ -222,7 +222,9 @@ def same_vocabulary(backbone: str | None, judge: str) -> bool:
     from sampler.backbone import load_tokenizer
 
     a, b = load_tokenizer(backbone_path(backbone)), load_tokenizer(Path(judge))
-    return a.get_vocab() == b.get_vocab()
+    # every backbone token with the same id in the judge (a tokenizer class may add its own extras)
+    theirs = b.get_vocab()
+    return all(theirs.get(tok) == i for tok, i in a.get_vocab().items())
 
 
 # ---------------------------------------------------------------------------------------------------
