@@ -2,7 +2,8 @@
 
 Requests follow OpenAI's completions / chat completions schema so the official client works unchanged.
 Extension fields choose the decoding: `mode` (exact / marginal / joint), `k` (tokens per full pass),
-`policy`, `block_length`, `stop_at_eos`. Fields left out take the server's configured defaults.
+`policy`, `block_length`, `stop_at_eos`. Fields left out take the server's configured defaults; `k` is
+ignored (1) in exact mode.
 Static ranges are checked here; limits that depend on the served model (context length, max `k`,
 whether a sampler is loaded) are checked by the generator, which owns the model.
 """

@@ -73,6 +73,12 @@ async def _request_invalid(_: Request, exc: RequestValidationError) -> JSONRespo
     return JSONResponse(ApiError(400, msg, param=param or None, code="invalid_value").body(), status_code=400)
 
 
+@app.exception_handler(Exception)
+async def _internal(_: Request, exc: Exception) -> JSONResponse:
+    # a bug, not a bad request: still an OpenAI-shaped body, and the replica stays up
+    return JSONResponse(ApiError(500, f"internal error: {type(exc).__name__}: {exc}").body(), status_code=500)
+
+
 def _usage(req: Any) -> bool:
     return bool(req.stream_options and req.stream_options.include_usage)
 

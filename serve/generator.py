@@ -192,7 +192,12 @@ class Engine:
             if not getattr(tok, "chat_template", None):
                 raise ApiError(400, "messages: this model has no chat template; use /v1/completions",
                                param="messages", code="no_chat_template")
-            text = tok.apply_chat_template(request["messages"], add_generation_prompt=True, tokenize=False)
+            try:
+                text = tok.apply_chat_template(request["messages"], add_generation_prompt=True,
+                                               tokenize=False)
+            except Exception as e:  # the template refuses this conversation (e.g. role order)
+                raise ApiError(400, f"messages: the model's chat template refused them: {e}",
+                               param="messages", code="invalid_value") from None
             ids = list(tok(text, add_special_tokens=False)["input_ids"])
             if b.bos_id is not None and (not ids or ids[0] != b.bos_id):
                 ids = [b.bos_id] + ids

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
+import yaml
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
@@ -120,7 +121,11 @@ def test_builder_refuses_bad_config(tmp_path, monkeypatch):
 
 def test_committed_configs_parse():
     here = os.path.join(os.path.dirname(__file__), "..", "serve")
+    from ray.serve.schema import ServeDeploySchema
+
     for name, gpus in (("config.yaml", None), ("config.cluster.yaml", 1)):
+        with open(os.path.join(here, name)) as f:
+            ServeDeploySchema.model_validate(yaml.safe_load(f))  # what `serve deploy` checks
         args, deps, http = load_config(os.path.join(here, name))
         AppArgs.model_validate(args)
         assert set(deps) == {"Ingress", "Generator"}
