@@ -39,7 +39,7 @@ from torch import Tensor
 from sampler.backbone import DEFAULT_BACKBONE, DEFAULT_JUDGE, load_tokenizer, save_backbone
 from sampler.corpus import load_corpus
 from sampler.model import ModelArgs, Transformer
-from sampler.tasks import task_training_pair
+from sampler.tasks import TASKS, task_training_pair
 from sampler.tokenizer import BOS
 
 # the embedded model has no chat roles: a chat is the concatenation of its messages after BOS,
@@ -75,6 +75,7 @@ class Config:
     save_minutes: float
     autocast: bool
     threads: int
+    task_weights: dict[str, float] | None = None  # sampling weight of each task (None: uniform)
     eps: float = 1e-3
 
     @property
@@ -156,14 +157,21 @@ class LanguageData:
         return s[st[:, None] + torch.arange(self.seq_len)]
 
 
-def task_batch(tok, step: int, batch: int, task_len: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+def task_batch(tok, step: int, batch: int, task_len: int, seed: int,
+               weights: dict[str, float] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Left-padded task rows `<pad>.. <bos> prompt answer <eos> x e`, e >= 1 random, total length of
     the real part <= task_len. Returns ids, attention mask, and the maskable (answer + EOS) positions."""
     rng = random.Random(seed * 1_000_003 + step + 17)
     ids = torch.full((batch, task_len), tok.pad_token_id, dtype=torch.long)
     att = torch.zeros(batch, task_len, dtype=torch.bool)
     ans = torch.zeros(batch, task_len, dtype=torch.bool)
-    pairs = [task_training_pair(rng) for _ in range(batch)]
+    names = sorted(weights or TASKS)
+    w = [(weights or {}).get(n, 1.0) for n in names]
+    pairs = []
+    for _ in range(batch):
+        task = TASKS[rng.choices(names, w)[0]]
+        ex = task.make_prompt(rng)
+        pairs.append((ex["prompt"], task.reference_answer(ex, rng)))
     p_ids = tok([p for p, _ in pairs])["input_ids"]
     a_ids = tok([a for _, a in pairs], add_special_tokens=False)["input_ids"]
     for i, (p, a) in enumerate(zip(p_ids, a_ids, strict=True)):
@@ -387,7 +395,8 @@ def train(cfg: Config) -> None:
                 loss, _ = masked_diffusion_loss(model, x, torch.ones_like(x, dtype=torch.bool),
                                                 tok.mask_token_id, gen, cfg.eps)
                 if cfg.task_batch:
-                    ids, att, ans = task_batch(tok, step, cfg.task_batch, cfg.task_len, cfg.seed)
+                    ids, att, ans = task_batch(tok, step, cfg.task_batch, cfg.task_len, cfg.seed,
+                                               cfg.task_weights)
                     tl, _ = masked_diffusion_loss(model, ids, ans, tok.mask_token_id, gen, cfg.eps, att)
                     # weight by token share so the task rows count like language rows of their size
                     w = cfg.task_batch * cfg.task_len / (cfg.batch * cfg.seq_len)
@@ -437,6 +446,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--ffn", type=int, default=768)
     p.add_argument("--batch", type=int, default=48)
     p.add_argument("--task-batch", type=int, default=32, help="task rows per step (backbone only)")
+    p.add_argument("--task-weights", default="",
+                   help="e.g. city=1,distinct=1.5,shuffle=2.5 (default: uniform); copying the shuffle "
+                        "items is the slowest task to learn")
     p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--min-lr-ratio", type=float, default=0.1)
     p.add_argument("--warmup", type=int, default=300)
@@ -461,7 +473,19 @@ def parse_args(argv: list[str] | None = None) -> Config:
                   lr=a.lr, min_lr_ratio=a.min_lr_ratio, warmup=a.warmup, total_steps=a.total_steps,
                   weight_decay=a.weight_decay, seed=a.seed, minutes=a.minutes, eval_every=a.eval_every,
                   export_minutes=a.export_minutes, save_minutes=a.save_minutes, autocast=a.autocast,
-                  threads=a.threads)
+                  threads=a.threads, task_weights=_weights(a.task_weights))
+
+
+def _weights(spec: str) -> dict[str, float] | None:
+    if not spec:
+        return None
+    out = {}
+    for part in spec.split(","):
+        name, _, val = part.partition("=")
+        if name not in TASKS:
+            raise SystemExit(f"--task-weights: unknown task {name!r}; known: {sorted(TASKS)}")
+        out[name] = float(val)
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
