@@ -239,6 +239,8 @@ class Ingress:
                             yield chunk([], usage=event["usage"])
             except ApiError as e:  # headers are gone: the error travels as an SSE event (the client raises)
                 yield _sse(e.body())
+            except Exception as e:  # a bug: still end the stream cleanly
+                yield _sse(ApiError(500, f"internal error: {type(e).__name__}: {e}").body())
             yield _sse("[DONE]")
 
         return StreamingResponse(body(), media_type="text/event-stream",

@@ -193,6 +193,24 @@ def test_engine_late_request_joins_a_running_one(engine, toy):
         assert events[-1]["choices"][0]["text"] == ref.text[0]  # joining and leaving changes nothing
 
 
+def test_engine_streams_the_finished_prefix(engine, toy):
+    greedy = {"mode": "joint", "k": 2, "temperature": 0.0, "stop_at_eos": False, "block_length": 4,
+              "max_tokens": 32}
+    ref = generate(toy["bb"], encode_prompts(toy["bb"], ["To be"]), sampler=engine.sampler, mode="joint", k=2,
+                   gen_length=32, temperature=0.0, block_length=4).text[0]
+    stop = ref[len(ref) // 2: len(ref) // 2 + 3]
+
+    async def run(**extra):
+        request = {"kind": "completion", "prompt": "To be", "decoding": {**greedy, **extra}, "stream": True}
+        return [event async for event in engine.submit(request)]
+
+    for extra, expected in (({}, ref), ({"stop": [stop]}, ref[: ref.find(stop)])):
+        events = asyncio.run(run(**extra))
+        deltas = [e["text"] for e in events if e["event"] == "delta"]
+        assert len(deltas) >= 2 and "".join(deltas) == expected == events[-1]["choices"][0]["text"]
+        assert all(stop not in d for d in deltas) or not extra
+
+
 # --- the running application ------------------------------------------------------------------------------
 
 
