@@ -216,7 +216,10 @@ def fingerprint(path: Path, full_hash_limit: int = 1 << 30) -> str:
 def load_tokenizer(path: Path):
     """transformers tokenizer without remote code: tokenizer.json if present, else vocab+merges."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers.utils import logging as hf_logging
 
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # it warns that "Dream" is not a model type it knows: expected
     try:
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except Exception as first:  # custom tokenizer classes (DreamTokenizer) need remote code
@@ -236,6 +239,8 @@ def load_tokenizer(path: Path):
                                       merges_file=str(path / "merges.txt"), **kwargs)
         raise CheckpointError(f"{path}: no usable tokenizer files (tokenizer.json or "
                               f"vocab.json+merges.txt): {first}") from first
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 # ---------------------------------------------------------------------------------------------
