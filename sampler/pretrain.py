@@ -76,6 +76,7 @@ class Config:
     autocast: bool
     threads: int
     task_weights: dict[str, float] | None = None  # sampling weight of each task (None: uniform)
+    keep_best: bool = False  # export only when the validation metric improves (the judge overfits)
     eps: float = 1e-3
 
     @property
@@ -339,12 +340,14 @@ def train(cfg: Config) -> None:
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     n_params = sum(p.numel() for p in model.parameters())
     state_path = cfg.run_dir / "state.pt"
-    step, elapsed = 0, 0.0
+    step, elapsed, best = 0, 0.0, math.inf
+    metric = "val_nll" if cfg.causal else "val_masked_ce"
     if state_path.exists():
         st = torch.load(state_path, weights_only=True)
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         step, elapsed = int(st["step"]), float(st["elapsed"])
+        best = float(st.get("best", math.inf))
         print(f"[pretrain] resumed from {state_path} at step {step} ({elapsed / 60:.1f} min trained)",
               flush=True)
     print(f"[pretrain] {n_params / 1e6:.2f}M params, args {args.to_dict()}", flush=True)
@@ -354,7 +357,7 @@ def train(cfg: Config) -> None:
     def save_state() -> None:
         tmp = state_path.with_suffix(".tmp")
         torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
-                    "elapsed": elapsed}, tmp)
+                    "elapsed": elapsed, "best": best}, tmp)
         os.replace(tmp, state_path)
 
     def log(rec: dict) -> None:
@@ -382,6 +385,10 @@ def train(cfg: Config) -> None:
         if step % cfg.eval_every == 0:
             rec = {"step": step, "minutes": round((time.time() - t_start) / 60, 2), **evaluate(
                 cfg, model, tok, val, val_tasks)}
+            if cfg.keep_best and rec[metric] < best:
+                best = rec[metric]
+                export(cfg, model, tok, step)
+                rec["exported"] = True
             bar.write(json.dumps(rec))
             log(rec)
         for g in opt.param_groups:
@@ -413,17 +420,20 @@ def train(cfg: Config) -> None:
         if time.time() - last_save > cfg.save_minutes * 60:
             save_state()
             last_save = time.time()
-        if time.time() - last_export > cfg.export_minutes * 60:
+        if not cfg.keep_best and time.time() - last_export > cfg.export_minutes * 60:
             export(cfg, model, tok, step)
             last_export = time.time()
     bar.close()
     rec = {"step": step, "minutes": round(elapsed / 60, 2), "final": True,
            **evaluate(cfg, model, tok, val, val_tasks)}
+    if not cfg.keep_best or rec[metric] < best:
+        best = rec[metric]
+        export(cfg, model, tok, step)
+        rec["exported"] = True
+        print(f"[pretrain] exported {cfg.export_dir} at step {step}", flush=True)
     print(json.dumps(rec), flush=True)
     log(rec)
     save_state()
-    export(cfg, model, tok, step)
-    print(f"[pretrain] exported {cfg.export_dir} at step {step}", flush=True)
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
@@ -462,6 +472,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--no-autocast", dest="autocast", action="store_false",
                    help="train in float32 instead of bf16 autocast")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--keep-best", action="store_true",
+                   help="export only at evaluations that improve the validation metric")
     a = p.parse_args(argv)
     run_dir = a.run_dir or Path("runs") / f"pretrain_{a.kind}"
     export_dir = a.export_dir or (DEFAULT_BACKBONE if a.kind == "backbone" else DEFAULT_JUDGE)
@@ -473,7 +485,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
                   lr=a.lr, min_lr_ratio=a.min_lr_ratio, warmup=a.warmup, total_steps=a.total_steps,
                   weight_decay=a.weight_decay, seed=a.seed, minutes=a.minutes, eval_every=a.eval_every,
                   export_minutes=a.export_minutes, save_minutes=a.save_minutes, autocast=a.autocast,
-                  threads=a.threads, task_weights=_weights(a.task_weights))
+                  threads=a.threads, task_weights=_weights(a.task_weights), keep_best=a.keep_best)
 
 
 def _weights(spec: str) -> dict[str, float] | None:
