@@ -69,7 +69,8 @@ def _qwen2_like(cfg: dict, path: Path, *, name: str, shift: int, causal: bool,
         max_seq_len=int(cfg.get("max_position_embeddings", 4096)),
     )
     rename = {k: "model." + k for k in _our_names(a) if not k.startswith("lm_head")}
-    rename["lm_head.weight"] = "lm_head.weight"
+    if not a.tie_embeddings:  # tied checkpoints (Qwen2-0.5B style) carry no separate head
+        rename["lm_head.weight"] = "lm_head.weight"
     return Layout(name, shift, a, cfg.get("mask_token_id"), cfg.get("eos_token_id"),
                   cfg.get("bos_token_id"), cfg.get("pad_token_id"), rename)
 

@@ -110,7 +110,8 @@ def llada_dir(tmp_path_factory):
     sd = {_llada_name(n): p.detach().clone().contiguous() for n, p in model.state_dict().items()}
     half = len(sd) // 2  # sharded with an index, as the 8B checkpoint is
     names = sorted(sd)
-    shards = {"model-00001-of-00002.safetensors": names[:half], "model-00002-of-00002.safetensors": names[half:]}
+    shards = {"model-00001-of-00002.safetensors": names[:half],
+              "model-00002-of-00002.safetensors": names[half:]}
     weight_map = {}
     for fname, keys in shards.items():
         save_file({k: sd[k] for k in keys}, str(path / fname))
@@ -165,7 +166,8 @@ def test_errors_name_the_problem(dream_dir, llada_dir, tmp_path):
         load_backbone(d)
     d = _copy(path, tmp_path / "unknown")
     conf = json.loads((d / "config.json").read_text())
-    (d / "config.json").write_text(json.dumps(conf | {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    gpt2 = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}
+    (d / "config.json").write_text(json.dumps(conf | gpt2))
     with pytest.raises(CheckpointError, match="unknown architecture"):
         load_backbone(d)
     d = _copy(path, tmp_path / "nomask")
@@ -203,3 +205,19 @@ def test_toy_backbone_loads_with_tokenizer(toy):
     assert toy.bos_id == toy.tokenizer.bos_token_id and toy.eos_id == toy.tokenizer.eos_token_id
     ids = toy.tokenizer("San Diego")["input_ids"]
     assert toy.tokenizer.decode(ids) == "San Diego"
+
+
+def test_tied_embeddings_round_trip(tmp_path):
+    from sampler.backbone import save_backbone
+    from sampler.model import ModelArgs, Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(vocab_size=50, dim=32, n_layers=1, n_heads=2, n_kv_heads=2,
+                                  intermediate_size=64, tie_embeddings=True))
+    save_backbone(model, tmp_path, layout="dream", mask_id=49, bos_id=0, eos_id=1, pad_id=2,
+                  dtype=torch.float32)
+    bb = load_backbone(tmp_path)
+    assert bb.model.lm_head.weight is bb.model.embed_tokens.weight
+    with torch.no_grad():
+        assert torch.allclose(bb(IDS[:, :5] % 49)[1], torch.cat(
+            [model.lm_head(model(IDS[:, :5] % 49))[:, :1], model.lm_head(model(IDS[:, :5] % 49))[:, :-1]], 1))
