@@ -70,7 +70,6 @@ def test_judge_nll_matches_transformers_and_ignores_padding(toy_pair):
 def test_mauve_is_wired_the_right_way_round(toy_pair):
     """Exact samples against a second exact draw score high; against uniformly random tokens, low."""
     backbone, judge, _ = toy_pair
-    torch.set_num_threads(2)
     prompts = encode_prompts(backbone, n=160)
     a = generate(backbone, prompts, mode="exact", gen_length=16, seed=1)
     b = generate(backbone, prompts, mode="exact", gen_length=16, seed=2)
