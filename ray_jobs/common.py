@@ -22,7 +22,8 @@ import copy
 import hashlib
 import json
 import os
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -175,3 +176,15 @@ def manifest_shards(data_dir: str | Path, verify: bool = True) -> list[tuple[Pat
                 raise ShardError(f"{path}: checksum differs from the manifest (corrupt or replaced shard)")
         out.append((path, entry))
     return out
+
+
+def run_job_cli(job: str, args: argparse.Namespace, defaults: Mapping[str, Any],
+                run: Callable[[dict[str, Any]], Any]) -> tuple[int, Any]:
+    """The body every `jointgen <job>` shares: flags given -> config overrides -> run. Bad input exits
+    with 2 and one line naming the problem (ShardError and CheckpointError are ValueErrors)."""
+    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "set", "json")}
+    try:
+        return 0, run(load_config(defaults, job, args.config, overrides, args.set))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"jointgen {job}: error: {e}", file=sys.stderr)
+        return 2, None

@@ -22,14 +22,13 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ray_jobs.common import add_config_args, init_ray, load_config, merge_config, write_json_atomic
+from ray_jobs.common import add_config_args, init_ray, merge_config, run_job_cli, write_json_atomic
 from ray_jobs.generate import Settings, check_inputs, read_outputs, run_sets
 
 PAPER = {"k": 4, "nll_marginal": 6.52, "nll_joint": 5.58, "nll_exact": 4.25, "gap_recovered": 0.41,
@@ -630,19 +629,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", help="output directory (rerun with the same one to resume)")
     p.add_argument("--actors", type=int)
     p.add_argument("--gpus-per-actor", type=float)
-    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local cluster)")
+    p.add_argument("--address", dest="ray_address",
+                   help="Ray cluster address (default: RAY_ADDRESS or a local cluster)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
-    try:
-        flags = {"backbone": a.backbone, "sampler": a.sampler, "judge": a.judge, "ks": a.ks,
-                 "num_samples": a.num_samples, "train_summary": a.train_summary, "out": a.out,
-                 "actors": a.actors, "gpus_per_actor": a.gpus_per_actor, "ray_address": a.address}
-        res = run_evaluate(load_config(DEFAULTS, "evaluate", a.config, flags, a.set))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"jointgen evaluate: error: {e}", file=sys.stderr)
-        return 2
-    print((Path(res["config"]["out"]) / "report.md").read_text())
-    return 0
+    code, res = run_job_cli("evaluate", build_parser().parse_args(argv), DEFAULTS, run_evaluate)
+    if code == 0:
+        print((Path(res["config"]["out"]) / "report.md").read_text())
+    return code

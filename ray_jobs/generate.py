@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ray_jobs.common import add_config_args, init_ray, load_config, merge_config, write_json_atomic
+from ray_jobs.common import add_config_args, init_ray, merge_config, run_job_cli, write_json_atomic
 
 META_KEY = b"jointgen_generate"
 OUTPUT_SCHEMA = pa.schema([
@@ -593,20 +593,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gen-length", type=int)
     p.add_argument("--actors", type=int, help="generator actors (one per GPU on a cluster)")
     p.add_argument("--gpus-per-actor", type=float)
-    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local cluster)")
+    p.add_argument("--address", dest="ray_address",
+                   help="Ray cluster address (default: RAY_ADDRESS or a local cluster)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
-    try:
-        flags = {"prompts": a.prompts, "num_samples": a.num_samples, "out": a.out, "backbone": a.backbone,
-                 "sampler": a.sampler, "mode": a.mode, "k": a.k, "gen_length": a.gen_length,
-                 "actors": a.actors, "gpus_per_actor": a.gpus_per_actor, "ray_address": a.address}
-        res = run_generate(load_config(DEFAULTS, "generate", a.config, flags, a.set))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"jointgen generate: error: {e}", file=sys.stderr)
-        return 2
-    print(f"{res['rows']} rows in {res['out_dir']} ({res['new_rows']} new, {len(res['errors'])} bad input "
-          f"rows skipped); tokens/s {res['tokens_per_s'] or 0:.1f}")
-    return 0
+    code, res = run_job_cli("generate", build_parser().parse_args(argv), DEFAULTS, run_generate)
+    if code == 0:
+        print(f"{res['rows']} rows in {res['out_dir']} ({res['new_rows']} new, "
+              f"{len(res['errors'])} bad input rows skipped); tokens/s {res['tokens_per_s'] or 0:.1f}")
+    return code

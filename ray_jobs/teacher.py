@@ -52,9 +52,9 @@ from ray_jobs.common import (
     MANIFEST_NAME,
     add_config_args,
     init_ray,
-    load_config,
     merge_config,
     read_manifest,
+    run_job_cli,
     sha256_file,
     write_json_atomic,
 )
@@ -493,15 +493,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "set", "json")}
-    try:
-        cfg = load_config(DEFAULTS, "teacher", args.config, overrides, args.set)
-        summary = run_teacher(cfg)
-    except (ValueError, FileNotFoundError) as e:  # ShardError and CheckpointError are ValueErrors
-        print(f"jointgen teacher: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, indent=1) if args.json else format_summary(summary))
-    return 0
+    code, summary = run_job_cli("teacher", args, DEFAULTS, run_teacher)
+    if code == 0:
+        print(json.dumps(summary, indent=1) if args.json else format_summary(summary))
+    return code
 
 
 if __name__ == "__main__":

@@ -50,10 +50,10 @@ from typing import Any
 from ray_jobs.common import (
     add_config_args,
     init_ray,
-    load_config,
     manifest_shards,
     merge_config,
     read_manifest,
+    run_job_cli,
     write_json_atomic,
 )
 from sampler.schema import ShardError
@@ -536,15 +536,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "set", "json")}
-    try:
-        cfg = load_config(DEFAULTS, "train", args.config, overrides, args.set)
-        summary = run_train(cfg)
-    except (ValueError, FileNotFoundError) as e:  # ShardError and CheckpointError are ValueErrors
-        print(f"jointgen train: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, indent=1, default=str) if args.json else format_summary(summary))
-    return 0
+    code, summary = run_job_cli("train", args, DEFAULTS, run_train)
+    if code == 0:
+        print(json.dumps(summary, indent=1, default=str) if args.json else format_summary(summary))
+    return code
 
 
 if __name__ == "__main__":
