@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,8 @@ DEFAULTS: dict[str, Any] = {
     "backbone": None,  # null = the embedded backbone (the judge and task prompts come with it)
     "gen_length": 32,  # tokens per language sample, teacher and evaluation alike
     "seed": 0,
-    "teacher_task_share": 0.25,  # share of teacher prompts that are task prompts (the rest unconditional)
+    "teacher_task_share": 0.4,  # share of teacher trajectories answering task prompts (rest: unconditional)
+    "task_gen_length": 16,  # tokens per task answer (teacher and evaluation): answers end well before it
     "teacher": {  # overrides of ray_jobs.teacher.DEFAULTS
         "num_trajectories": 2400, "batch_size": 100, "chunk_size": 200,
     },
@@ -36,7 +36,7 @@ DEFAULTS: dict[str, Any] = {
         "val_every": 150, "checkpoint_every": 150, "val_windows_per_depth": 64,
     },
     "evaluate": {  # overrides of ray_jobs.evaluate.DEFAULTS
-        "ks": [1, 2, 4, 8], "num_samples": 500, "task_prompts": 150, "task_gen_length": 20, "batch_size": 100,
+        "ks": [1, 2, 4, 8], "num_samples": 500, "task_prompts": 150, "batch_size": 100,
     },
     "ray_address": None,  # null = RAY_ADDRESS or a local cluster
     "ray_num_cpus": None,
@@ -52,22 +52,25 @@ QUICK: dict[str, Any] = {
 }
 
 
-def teacher_prompts(path: Path, n: int, task_share: float, seed: int) -> Path:
-    """A prompt file mixing unconditional rows (empty prompt -> [BOS]) and fresh task prompts, one row per
-    trajectory, so the sampler also learns the dependencies inside task answers."""
+def teacher_prompts(out: Path, n: int, task_share: float, seed: int) -> dict[str, tuple[Path, int]]:
+    """Two prompt files: unconditional rows (empty prompt -> [BOS]) and fresh task prompts. Task answers
+    get their own teacher run with a short gen_length, so that their dependencies are not drowned in
+    windows that only fill an EOS tail. Returns {"language"|"tasks": (file, rows)}."""
     from sampler.tasks import make_task_examples
 
-    rng = random.Random(seed)
     n_task = int(round(n * task_share))
     tasks = make_task_examples(n_task, seed=seed + 7919)
-    rows = [{"id": f"task-{i}", "prompt": ex["prompt"]} for i, ex in enumerate(tasks)]
-    rows += [{"id": f"uncond-{i}", "prompt": ""} for i in range(n - n_task)]
-    rng.shuffle(rows)
-    text = "".join(json.dumps(r) + "\n" for r in rows)
-    if not path.exists() or path.read_text() != text:  # unchanged file -> the teacher resumes
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    return path
+    files = {"language": [{"id": f"uncond-{i}", "prompt": ""} for i in range(n - n_task)],
+             "tasks": [{"id": f"task-{i}", "prompt": ex["prompt"]} for i, ex in enumerate(tasks)]}
+    out_files = {}
+    for name, rows in files.items():
+        path = out / f"teacher_prompts_{name}.jsonl"
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+        if not path.exists() or path.read_text() != text:  # unchanged file -> the teacher resumes
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+        out_files[name] = (path, len(rows))
+    return out_files
 
 
 def _fmt_s(s: float) -> str:
@@ -95,18 +98,26 @@ def run_quickstart(config: dict | None = None, log=print) -> dict:
     try:
         t0 = time.perf_counter()
         n_traj = int(cfg["teacher"].get("num_trajectories") or 1024)
-        prompts = teacher_prompts(out / "teacher_prompts.jsonl", n_traj, float(cfg["teacher_task_share"]),
-                                  int(cfg["seed"]))
-        tcfg = {"backbone": cfg["backbone"], "gen_length": cfg["gen_length"], "seed": cfg["seed"],
-                "prompts": str(prompts), "out": str(out / "teacher"), **common, **cfg["teacher"]}
-        log(f"quickstart [1/3] teacher: {n_traj} exact trajectories of {cfg['gen_length']} tokens "
-            f"({cfg['teacher_task_share']:.0%} task prompts) -> {out / 'teacher'}")
-        teacher = run_teacher_stage(tcfg)
+        prompt_files = teacher_prompts(out, n_traj, float(cfg["teacher_task_share"]), int(cfg["seed"]))
+        teacher_dirs, teacher = [], {"trajectories": 0}
+        for name, gen_length in (("language", cfg["gen_length"]), ("tasks", cfg["task_gen_length"])):
+            path, rows = prompt_files[name]
+            if rows == 0:
+                continue
+            tdir = out / ("teacher" if name == "language" else "teacher_tasks")
+            tcfg = {"backbone": cfg["backbone"], "gen_length": gen_length, "seed": cfg["seed"],
+                    "prompts": str(path), "out": str(tdir), **common, **cfg["teacher"],
+                    "num_trajectories": rows}
+            log(f"quickstart [1/3] teacher ({name}): {rows} exact trajectories of {gen_length} tokens "
+                f"-> {tdir}")
+            summary = run_teacher_stage(tcfg)
+            teacher_dirs.append(str(tdir))
+            teacher["trajectories"] += summary["trajectories"]
         times["teacher_s"] = time.perf_counter() - t0
         log(f"quickstart [1/3] teacher done in {_fmt_s(times['teacher_s'])}")
 
         t0 = time.perf_counter()
-        rcfg = {"data": str(out / "teacher"), "backbone": cfg["backbone"], "out": str(out / "train"),
+        rcfg = {"data": teacher_dirs, "backbone": cfg["backbone"], "out": str(out / "train"),
                 "seed": cfg["seed"], **common, **cfg["train"]}
         log(f"quickstart [2/3] train: {rcfg['steps']} steps of {rcfg.get('batch_size', 32)} windows "
             f"-> {out / 'train'}")
@@ -117,6 +128,7 @@ def run_quickstart(config: dict | None = None, log=print) -> dict:
         t0 = time.perf_counter()
         ecfg = {"backbone": cfg["backbone"], "sampler": train["sampler_dir"],
                 "train_summary": str(out / "train" / "summary.json"), "gen_length": cfg["gen_length"],
+                "task_gen_length": cfg["task_gen_length"],
                 "seed": cfg["seed"], "out": str(out / "evaluate"), **common, **cfg["evaluate"]}
         log(f"quickstart [3/3] evaluate: exact, marginal and joint at k={ecfg['ks']} -> {out / 'evaluate'}")
         result = run_evaluate(ecfg, log=log)

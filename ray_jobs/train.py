@@ -59,7 +59,7 @@ from ray_jobs.common import (
 from sampler.schema import ShardError
 
 DEFAULTS: dict[str, Any] = {
-    "data": "runs/teacher",  # teacher output directory (manifest.json + shards)
+    "data": "runs/teacher",  # teacher output directory (manifest.json + shards), or a list of them
     "backbone": None,  # null = the backbone recorded in the teacher manifest (the embedded one if none)
     "dtype": None,  # null = float32 on CPU, bfloat16 on GPU
     "out": "runs/train",
@@ -125,7 +125,17 @@ def is_heldout(traj_id: int, fraction: float) -> bool:
     return (h % 1_000_000) < fraction * 1_000_000
 
 
-def load_split(data: str, identity: str, fraction: float, rank: int, world: int) -> tuple[list, list]:
+def data_dirs(data: str | Path | list) -> list[Path]:
+    """`data` as a list of teacher directories (one path, a comma-separated string, or a list)."""
+    items = data if isinstance(data, list | tuple) else str(data).split(",")
+    dirs = [Path(str(d).strip()).resolve() for d in items if str(d).strip()]
+    if not dirs:
+        raise ValueError("train: data names no teacher directory")
+    return dirs
+
+
+def load_split(data: str | list, identity: str, fraction: float, rank: int,
+               world: int) -> tuple[list, list]:
     """(this rank's training trajectories, the held-out trajectories on rank 0, [] elsewhere).
 
     With at least as many shards as workers, rank r trains on shards r, r + world, ... and reads only
@@ -133,7 +143,7 @@ def load_split(data: str, identity: str, fraction: float, rank: int, world: int)
     every world-th training trajectory."""
     from sampler.schema import read_trajectories
 
-    shards = manifest_shards(data)
+    shards = [sh for d in data_dirs(data) for sh in manifest_shards(d)]
     by_shard = len(shards) >= world
     train, val = [], []
     for i, (path, _) in enumerate(shards):
@@ -443,20 +453,24 @@ def run_train(config: dict[str, Any] | None = None) -> dict[str, Any]:
     cfg = merge_config(DEFAULTS, config, "train")
     check_config(cfg)
     t0 = time.perf_counter()
-    data = Path(cfg["data"]).resolve()
-    manifest = read_manifest(data)
-    shards = manifest_shards(data)  # checksums: a corrupt shard stops the run here, by name
-    if not shards:
-        raise ValueError(f"{data}: the manifest lists no shards")
-    if not manifest["complete"]:
-        print(f"train: {data} is incomplete ({len(shards)} of {manifest['num_chunks']} shards); "
-              "training on what is there", file=sys.stderr)
-    recorded = manifest["backbone"]
-    bpath = backbone_path(cfg["backbone"] if cfg["backbone"] is not None else recorded.get("path"))
-    name, identity = backbone_identity(bpath)
-    if identity != recorded["identity"]:
-        raise ShardError(f"{data}: teacher shards were decoded by backbone {recorded['name']!r} "
-                         f"({recorded['identity']}), but {bpath} is {name!r} ({identity})")
+    dirs = data_dirs(cfg["data"])
+    bpath = name = identity = None
+    for data in dirs:
+        manifest = read_manifest(data)
+        shards = manifest_shards(data)  # checksums: a corrupt shard stops the run here, by name
+        if not shards:
+            raise ValueError(f"{data}: the manifest lists no shards")
+        if not manifest["complete"]:
+            print(f"train: {data} is incomplete ({len(shards)} of {manifest['num_chunks']} shards); "
+                  "training on what is there", file=sys.stderr)
+        recorded = manifest["backbone"]
+        if bpath is None:
+            bpath = backbone_path(cfg["backbone"] if cfg["backbone"] is not None else recorded.get("path"))
+            name, identity = backbone_identity(bpath)
+        if identity != recorded["identity"]:
+            raise ShardError(f"{data}: teacher shards were decoded by backbone {recorded['name']!r} "
+                             f"({recorded['identity']}), but {bpath} is {name!r} ({identity})")
+    data = ",".join(str(d) for d in dirs)
     out = Path(cfg["out"]).resolve()
     out.mkdir(parents=True, exist_ok=True)
 
@@ -519,7 +533,7 @@ def format_summary(s: dict[str, Any]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jointgen train", description=__doc__.split("\n\n")[0])
     add_config_args(p)
-    p.add_argument("--data", help="teacher output directory (with manifest.json)")
+    p.add_argument("--data", help="teacher output directory (with manifest.json); several: comma-separated")
     p.add_argument("--backbone", help="backbone checkpoint dir (default: the one the teacher used)")
     p.add_argument("--out", help="output directory (checkpoints, metrics.jsonl, sampler/)")
     p.add_argument("--workers", type=int, help="Ray Train workers (DDP ranks)")

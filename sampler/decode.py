@@ -16,6 +16,7 @@ from torch import Tensor
 
 from sampler.backbone import Backbone
 from sampler.joint import JointSampler
+from sampler.model import Context
 
 MODES = ("exact", "marginal", "joint")
 POLICIES = ("entropy", "confidence", "margin", "random")
@@ -43,35 +44,102 @@ class GenerateResult:
         return sum(rates) / max(len(rates), 1)
 
 
-def process_logits(logits: Tensor, temperature: float, top_p: float) -> Tensor:
-    """Probabilities after temperature and nucleus filtering (temperature 0 scores at temperature 1)."""
-    probs = torch.softmax(logits.float() / (temperature if temperature > 0 else 1.0), dim=-1)
+# a finite stand-in for -inf: exp() gives exactly 0 and 0 * NEG stays 0, so entropies need no clamping
+NEG = -1e9
+
+
+def log_probs(logits: Tensor, temperature: float, top_p: float) -> Tensor:
+    """Log-probabilities after temperature and nucleus filtering (temperature 0 scores at temperature
+    1); tokens outside the nucleus get NEG. One log_softmax: cheaper than softmax then log."""
+    logp = torch.log_softmax(logits.float() / (temperature if temperature > 0 else 1.0), dim=-1)
     if top_p < 1.0:
-        sorted_p, idx = probs.sort(dim=-1, descending=True)
+        sorted_lp, idx = logp.sort(dim=-1, descending=True)
+        sorted_p = sorted_lp.exp()
         drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p  # keep the smallest prefix reaching top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
+        logp = torch.log_softmax(logp.scatter(-1, idx, sorted_lp.masked_fill(drop, NEG)), dim=-1)
+    return logp
 
 
 def candidate_logits(backbone: Backbone, h: Tensor, positions: Tensor) -> Tensor:
-    """Logits at `positions`; the mask token itself can never be sampled."""
+    """Logits at `positions` ([B, M] columns of the sequence); the mask token can never be sampled."""
     logits = backbone.logits(h, positions)
-    logits[..., backbone.mask_id] = float("-inf")
+    logits[..., backbone.mask_id] = NEG
     return logits
 
 
-def position_scores(probs: Tensor, policy: str, gen: torch.Generator) -> Tensor:
-    """Higher = decode first. probs: [B, M, V] -> [B, M]."""
+def position_scores(logp: Tensor, policy: str, gen: torch.Generator) -> Tensor:
+    """Higher = decode first. logp: [B, M, V] -> [B, M]."""
     if policy == "entropy":
-        return (probs * torch.log(probs.clamp_min(1e-30))).sum(-1)  # minus entropy
+        return (logp.exp() * logp).sum(-1)  # minus entropy
     if policy == "confidence":
-        return probs.max(-1).values
+        return logp.max(-1).values  # log of the top probability: the same order
     if policy == "margin":
-        top2 = probs.topk(2, dim=-1).values
+        top2 = logp.topk(2, dim=-1).values.exp()
         return top2[..., 0] - top2[..., 1]
-    return torch.rand(probs.shape[:2], generator=gen, device=probs.device)
+    return torch.rand(logp.shape[:2], generator=gen, device=logp.device)
+
+
+def read_out(backbone: Backbone, h: Tensor, cand: Tensor, temperature: float, top_p: float, policy: str,
+             gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Log-probabilities [B, M, V] at the candidate columns and their position scores [B, M]."""
+    logp = log_probs(candidate_logits(backbone, h, cand), temperature, top_p)
+    return logp, position_scores(logp, policy, gen)
+
+
+@torch.inference_mode()
+def unmask_step(backbone: Backbone, x: Tensor, cand: Tensor, valid: Tensor, *, ctx: Context,
+                attn_mask: Tensor | None, sampler: JointSampler | None, k: int, temperature: float,
+                top_p: float, policy: str, gen: torch.Generator,
+                eos_region: Tensor | None = None) -> tuple[list[tuple[Tensor, Tensor]], int]:
+    """One full pass, then up to k tokens per row written into `x` in place (DESIGN 1.2): with a
+    sampler, a sampler pass after each token but the last, so later tokens see earlier ones; without,
+    all k from the full pass's distributions (marginal).
+
+    cand [B, M]: candidate columns of x; valid [B, M]: which of them may still be chosen (updated in
+    place). With `eos_region` ([B, L] bool, the generated columns), a sampled EOS ends its row: later
+    masked columns of the region become EOS and leave the candidates. No host synchronisation.
+    Returns ([(go, column)] per token slot: which rows decoded a token and where), sampler passes.
+    """
+    rows = torch.arange(x.shape[0], device=x.device)
+    h = backbone.hidden(x, attn_mask, ctx)  # the full pass
+    logp, scores = read_out(backbone, h, cand, temperature, top_p, policy, gen)
+    picks, sampler_passes, n = [], 0, min(k, cand.shape[1])
+    for j in range(n):
+        go = valid.any(1)
+        pick = scores.masked_fill(~valid, float("-inf")).argmax(1)  # [B]
+        lp = logp[rows, pick]
+        if temperature == 0:
+            token = lp.argmax(-1)
+        else:
+            token = torch.multinomial(lp.exp(), 1, generator=gen).squeeze(1)
+        pos = cand[rows, pick]
+        x[rows, pos] = torch.where(go, token, x[rows, pos])
+        valid[rows, pick] = False
+        picks.append((go, pos))
+        if eos_region is not None and backbone.eos_id is not None:
+            hit = go & (token == backbone.eos_id)
+            cols = torch.arange(x.shape[1], device=x.device)
+            after = hit[:, None] & (cols[None] > pos[:, None]) & eos_region
+            x.masked_fill_(after & (x == backbone.mask_id), backbone.eos_id)
+            valid &= ~torch.gather(after, 1, cand)
+        if sampler is not None and j < n - 1:
+            h = sampler(backbone.embed(x), h, ctx)
+            sampler_passes += 1
+            logp, scores = read_out(backbone, h, cand, temperature, top_p, policy, gen)
+    return picks, sampler_passes
+
+
+def candidates(masked: Tensor, block_id: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Candidates: still-masked columns in each row's current (first unfinished) block. masked,
+    block_id: [B, L]. Returns (cand [B, M] columns, valid [B, M], counts [B]); M = 0 when done.
+    The one host synchronisation per full pass is here (M)."""
+    big = torch.iinfo(block_id.dtype).max
+    first_block = torch.where(masked, block_id, big).min(dim=1, keepdim=True).values
+    allowed = masked & (block_id == first_block)
+    counts = allowed.sum(1)
+    M = int(counts.max())
+    cand = torch.sort((~allowed).to(torch.int8), dim=1, stable=True).indices[:, :M]
+    return cand, torch.gather(allowed, 1, cand), counts
 
 
 def check_args(backbone: Backbone, prompts: Sequence[Sequence[int]], sampler: JointSampler | None,
@@ -150,7 +218,10 @@ def generate(
     ctx = backbone.context(x, attn_mask)  # rotary tables and mask: the same for every pass
     gen = x[:, P:]  # a view: writing it writes x
     block = block_length or G
-    block_id = torch.arange(G, device=dev) // block
+    block_id = torch.cat([torch.full((P,), G, device=dev), torch.arange(G, device=dev) // block])
+    block_id = block_id[None].expand(B, -1)
+    region = torch.zeros(B, P + G, dtype=torch.bool, device=dev)
+    region[:, P:] = True
     order = torch.full((B, G + 1), -1, dtype=torch.long, device=dev)  # last column: scratch
     n_done = torch.zeros(B, dtype=torch.long, device=dev)
     row_passes = torch.zeros(B, dtype=torch.long, device=dev)
@@ -159,48 +230,18 @@ def generate(
     full_passes = sampler_passes = 0
 
     while True:
-        masked = gen == mask_id
-        # candidates: still-masked positions in each row's current (first unfinished) block
-        first_block = torch.where(masked, block_id, G).min(dim=1, keepdim=True).values
-        allowed = masked & (block_id == first_block)
-        counts = allowed.sum(1)
-        M = int(counts.max())  # the one host sync per full pass
-        if M == 0:
+        cand, valid, counts = candidates((x == mask_id) & region, block_id)
+        if cand.shape[1] == 0:
             break
-        cand = torch.sort((~allowed).to(torch.int8), dim=1, stable=True).indices[:, :M]  # [B, M]
-        valid = torch.gather(allowed, 1, cand)
         row_passes += counts > 0
-
-        h = backbone.hidden(x, attn_mask, ctx)  # the full pass
-        full_passes += 1
-        logits = candidate_logits(backbone, h, cand + P)  # LM head only where a token can be chosen
-        probs = process_logits(logits, temperature, top_p)
-        scores = position_scores(probs, policy, rng)
-        for j in range(min(k, M)):
-            go = valid.any(1)
-            score = scores.masked_fill(~valid, float("-inf"))
-            pick = score.argmax(1)  # [B]
-            if temperature == 0:
-                token = logits[rows, pick].argmax(-1)
-            else:
-                token = torch.multinomial(probs[rows, pick], 1, generator=rng).squeeze(1)
-            pos = cand[rows, pick]
-            gen[rows, pos] = torch.where(go, token, gen[rows, pos])
-            order[rows, torch.where(go, n_done, G)] = pos
+        picks, n_sampler = unmask_step(
+            backbone, x, cand, valid, ctx=ctx, attn_mask=attn_mask,
+            sampler=sampler if mode == "joint" else None, k=k, temperature=temperature, top_p=top_p,
+            policy=policy, gen=rng, eos_region=region if stop_at_eos else None)
+        full_passes, sampler_passes = full_passes + 1, sampler_passes + n_sampler
+        for go, pos in picks:
+            order[rows, torch.where(go, n_done, G)] = pos - P
             n_done += go
-            valid[rows, pick] = False
-            if stop_at_eos and eos_id is not None:
-                # an EOS ends the row: everything after it becomes EOS and leaves the candidates
-                hit = go & (token == eos_id)
-                after = hit[:, None] & (torch.arange(G, device=dev)[None] > pos[:, None])
-                gen.masked_fill_(after & (gen == mask_id), eos_id)
-                valid &= ~torch.gather(after, 1, cand)
-            if mode == "joint" and j < min(k, M) - 1:
-                h = sampler(backbone.embed(x), h, ctx)
-                sampler_passes += 1
-                logits = candidate_logits(backbone, h, cand + P)
-                probs = process_logits(logits, temperature, top_p)
-                scores = position_scores(probs, policy, rng)
         if on_step is not None:
             on_step(gen.detach().cpu())
 

@@ -489,56 +489,21 @@ class Lane:
 
     def step(self) -> int:
         """One full pass and its sampler passes for every row; returns the number of sampler passes."""
-        from sampler.decode import candidate_logits, position_scores, process_logits
+        from sampler.decode import candidates, unmask_step
 
         b, s, x = self.b, self.settings, self.x
-        mask_id, eos_id = b.mask_id, b.eos_id
         attn_mask = None if bool(self.attn.all()) else self.attn
         if self.ctx is None:
             self.ctx = b.context(x, attn_mask)
         gen_cols = self.block_id < BIG
-        masked = (x == mask_id) & gen_cols
-        # candidates: still-masked positions in each row's current (first unfinished) block
-        first_block = torch.where(masked, self.block_id, BIG).min(dim=1, keepdim=True).values
-        allowed = masked & (self.block_id == first_block)
-        M = int(allowed.sum(1).max())
-        if M == 0:
+        cand, valid, _ = candidates((x == b.mask_id) & gen_cols, self.block_id)
+        if cand.shape[1] == 0:
             return 0
-        cand = torch.sort((~allowed).to(torch.int8), dim=1, stable=True).indices[:, :M]  # absolute columns
-        valid = torch.gather(allowed, 1, cand)
-        rows = torch.arange(x.shape[0], device=x.device)
-        cols = torch.arange(x.shape[1], device=x.device)
-        temperature, top_p, policy = s["temperature"], s["top_p"], s["policy"]
-        sampler = self.engine.sampler if s["mode"] == "joint" else None
-        k = 1 if s["mode"] == "exact" else s["k"]
-        with torch.inference_mode():
-            h = b.hidden(x, attn_mask, self.ctx)  # the full pass
-            logits = candidate_logits(b, h, cand)
-            probs = process_logits(logits, temperature, top_p)
-            scores = position_scores(probs, policy, self.rng)
-            sampler_passes = 0
-            for j in range(min(k, M)):
-                go = valid.any(1)
-                pick = scores.masked_fill(~valid, float("-inf")).argmax(1)
-                if temperature == 0:
-                    token = logits[rows, pick].argmax(-1)
-                else:
-                    token = torch.multinomial(probs[rows, pick], 1, generator=self.rng).squeeze(1)
-                pos = cand[rows, pick]
-                x[rows, pos] = torch.where(go, token, x[rows, pos])
-                valid[rows, pick] = False
-                if s["stop_at_eos"] and eos_id is not None:
-                    # an EOS ends the row: everything after it becomes EOS and leaves the candidates
-                    hit = go & (token == eos_id)
-                    after = hit[:, None] & (cols[None] > pos[:, None]) & gen_cols
-                    x.masked_fill_(after & (x == mask_id), eos_id)
-                    valid &= ~torch.gather(after, 1, cand)
-                if sampler is not None and j < min(k, M) - 1:
-                    h = sampler(b.embed(x), h, self.ctx)
-                    sampler_passes += 1
-                    logits = candidate_logits(b, h, cand)
-                    probs = process_logits(logits, temperature, top_p)
-                    scores = position_scores(probs, policy, self.rng)
+        _, sampler_passes = unmask_step(
+            b, x, cand, valid, ctx=self.ctx, attn_mask=attn_mask,
+            sampler=self.engine.sampler if s["mode"] == "joint" else None,
+            k=1 if s["mode"] == "exact" else s["k"], temperature=s["temperature"], top_p=s["top_p"],
+            policy=s["policy"], gen=self.rng, eos_region=gen_cols if s["stop_at_eos"] else None)
         return sampler_passes
 
     def rows_after_step(self) -> list[tuple[Job, int, list[int], bool]]:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from sampler import JointSampler, encode_prompts, generate
-from sampler.decode import process_logits
+from sampler.decode import log_probs
 
 
 def naive_greedy(bb, prompt: list[int], gen_length: int) -> tuple[list[int], list[int]]:
@@ -120,9 +120,9 @@ def test_stop_at_eos_fills_the_rest(toy):
 
 def test_top_p_keeps_the_nucleus():
     logits = torch.log(torch.tensor([[[0.5, 0.3, 0.15, 0.05]]]))
-    p = process_logits(logits, 1.0, 0.7)
+    p = log_probs(logits, 1.0, 0.7).exp()
     assert torch.allclose(p, torch.tensor([[[0.625, 0.375, 0.0, 0.0]]]))
-    assert torch.allclose(process_logits(logits, 1.0, 1.0), logits.exp())
+    assert torch.allclose(log_probs(logits, 1.0, 1.0).exp(), logits.exp())
 
 
 def test_bad_arguments_raise_clear_errors(toy, tmp_path):

@@ -136,8 +136,10 @@ def test_quickstart_end_to_end_on_a_toy_backbone(assets, ray_cluster, tmp_path, 
     assert quickstart_main(args) == 0
     printed = capsys.readouterr().out
     assert "# jointgen quickstart" in printed and "| joint | 2 |" in printed
-    assert (out / "teacher" / "manifest.json").exists()
-    assert (out / "train" / "sampler" / "sampler.json").exists()
+    assert (out / "teacher" / "manifest.json").exists()  # unconditional trajectories
+    assert (out / "teacher_tasks" / "manifest.json").exists()  # task answers, their own short run
+    teacher_data = json.loads((out / "train" / "sampler" / "sampler.json").read_text())["teacher_data"]
+    assert teacher_data == f"{out / 'teacher'},{out / 'teacher_tasks'}"  # trained on both
     for f in ("report.md", "quickstart.json", "evaluate/report.md", "evaluate/results.json",
               "evaluate/quality_vs_speed.png", "evaluate/depth_metrics.png"):
         assert (out / f).exists(), f
