@@ -3,7 +3,9 @@
 Every run decodes the same trajectories (same config and seed: the shards are identical, which is checked):
 1 actor with all the cluster's CPUs as torch threads, 1 actor on 1 thread, 2 actors sharing the threads.
 Throughput counts the decoding phase only (Ray start-up and model loading excluded); the ratios are
-2 actors over each 1-actor setup, best of --repeats interleaved runs.
+2 actors over each 1-actor setup, best of --repeats interleaved runs. Then batching efficiency: one
+actor's decode loop (`generate(mode="exact")`, one thread) at several batch sizes, trajectories per full
+pass and traj/s against batch size x the batch-1 rate.
 
     python benchmarks/teacher_throughput.py [--backbone DIR|toy] [--toy-dim 256] [--num-trajectories 64]
         [--gen-length 32] [--chunk-size 16] [--batch-size 16] [--cpus 2]
@@ -39,6 +41,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--cpus", type=int, default=2, help="CPUs of the local cluster = total torch threads")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--batch-sweep", default="1,4,16,64",
+                    help="batch sizes for batching efficiency ('' = skip)")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -74,6 +78,8 @@ def main() -> None:
             same = len(shas) == 1
         finally:
             ray.shutdown()
+        if args.batch_sweep:
+            batching_efficiency(backbone, [int(b) for b in args.batch_sweep.split(",")], args.gen_length)
     name = results[setups[0]][0]["backbone"]["name"]
     best = {su: max(s["traj_per_s"] for s in runs) for su, runs in results.items()}
     print(f"backbone {name}; {args.cpus} CPUs; load average {os.getloadavg()[0]:.1f}; "
@@ -83,6 +89,31 @@ def main() -> None:
     two = best[setups[2]]
     print(f"throughput ratio 2 actors / 1 actor: {two / best[setups[0]]:.2f}x (same total threads), "
           f"{two / best[setups[1]]:.2f}x (vs 1 actor on 1 thread)")
+
+
+def batching_efficiency(backbone: Path, batches: list[int], gen_length: int) -> None:
+    """Exact decoding as an actor does it, one thread, at several batch sizes."""
+    import time
+
+    import torch
+
+    from sampler import encode_prompts, generate, load_backbone
+
+    torch.set_num_threads(1)
+    bb = load_backbone(backbone)
+    print(f"\nbatching efficiency ({bb.name}, 1 thread, {gen_length} tokens per trajectory)")
+    print(f"{'batch':>6}{'tokens/full pass':>18}{'traj/s':>9}{'efficiency':>12}")
+    base = None
+    for b in batches:
+        prompts = encode_prompts(bb, n=b)
+        generate(bb, prompts[:1], gen_length=4)  # warm-up
+        t0 = time.perf_counter()
+        r = generate(bb, prompts, mode="exact", gen_length=gen_length, seed=0)
+        rate = b / (time.perf_counter() - t0)
+        base = base or rate / b
+        print(f"{b:>6}{r.decoded_tokens / r.full_passes:>18.1f}{rate:>9.2f}"
+              f"{rate / (b * base):>11.0%}")
+
 
 if __name__ == "__main__":
     main()
