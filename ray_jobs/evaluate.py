@@ -535,7 +535,7 @@ def run_evaluate(config: dict | None = None, log=print) -> dict:
         common = dict(backbone=cfg["backbone"], sampler=cfg["sampler"], batch_size=int(cfg["batch_size"]),
                       num_actors=int(cfg["actors"]), num_cpus_per_actor=float(cfg["cpus_per_actor"]),
                       num_gpus_per_actor=gpus, torch_threads=threads, progress=bool(cfg["progress"]),
-                      dtype=cfg["dtype"], log=log)
+                      dtype=cfg["dtype"], stale="move", log=log)  # a retrained sampler: samples anew
         log(f"evaluate: [1/3] generating {len(lang_sets)} language sets x {cfg['num_samples']} samples"
             + (f" and {len(task_sets)} task sets" if task_sets else ""))
         n_uncond = None if cfg["language_prompts"] else int(cfg["num_samples"])

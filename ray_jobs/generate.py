@@ -218,10 +218,12 @@ def set_dir(out_dir: Path, name: str) -> Path:
     return out_dir / name if name else out_dir
 
 
-def scan_outputs(directory: Path, key: dict, log=print) -> set[str]:
+def scan_outputs(directory: Path, key: dict, log=print, stale: str = "error") -> set[str]:
     """Prompt ids already generated in `directory` with the same settings. A damaged part file is moved
     aside (`*.corrupt`) and reported, so its prompts are generated again; a file written with other
-    settings is an error (use another output directory)."""
+    settings is an error (use another output directory), or with stale="move" (a job that owns the
+    directory, such as evaluation after the sampler was trained further) the whole directory is moved
+    aside to `<name>.stale-N` and reported, and everything is generated again."""
     done: set[str] = set()
     if not directory.exists():
         return done
@@ -237,6 +239,15 @@ def scan_outputs(directory: Path, key: dict, log=print) -> set[str]:
             os.replace(f, bad)
             log(f"warning: {f} is unreadable ({e}); moved to {bad.name}, its prompts will be redone")
             continue
+        if meta.get("settings") != key and stale == "move":
+            n = 1
+            while directory.with_name(f"{directory.name}.stale-{n}").exists():
+                n += 1
+            aside = directory.with_name(f"{directory.name}.stale-{n}")
+            os.replace(directory, aside)
+            log(f"warning: {directory} holds outputs of other settings ({meta.get('settings')}); moved to "
+                f"{aside.name}, generating again")
+            return set()
         if meta.get("settings") != key:
             raise ValueError(f"{f}: written with other settings ({meta.get('settings')}); this run uses "
                              f"{key}. Use a new output directory.")
@@ -433,9 +444,10 @@ def run_sets(sets: dict[str, Settings], *, out_dir: str | Path, backbone: str | 
              sampler: str | None = None, prompts: str | Path | None = None, num_samples: int | None = None,
              chat: bool = False, batch_size: int = 16, num_actors: int = 1, num_cpus_per_actor: float = 0.5,
              num_gpus_per_actor: float = 0, torch_threads: int | None = None, progress: bool = True,
-             dtype: str | None = None, log=print) -> dict:
+             dtype: str | None = None, stale: str = "error", log=print) -> dict:
     """Generate every set (name -> settings) over the prompt source into out_dir/<name>/ (name "" =
-    out_dir itself), skipping prompt ids already there. Returns counts, errors and speed per set."""
+    out_dir itself), skipping prompt ids already there (`stale`: see `scan_outputs`). Returns counts,
+    errors and speed per set."""
     import ray
     from tqdm import tqdm
 
@@ -450,8 +462,8 @@ def run_sets(sets: dict[str, Settings], *, out_dir: str | Path, backbone: str | 
     # what part files record, without loading the weights on the driver; a bad checkpoint fails here
     identity = backbone_identity(backbone_path(backbone))[1]
     sampler_identity = _sampler_identity(sampler)
-    done = {name: scan_outputs(set_dir(out_dir, name), settings_key(s, identity, sampler_identity), log)
-            for name, s in sets.items()}
+    done = {name: scan_outputs(set_dir(out_dir, name), settings_key(s, identity, sampler_identity), log,
+                               stale) for name, s in sets.items()}
 
     # small (prompts only): read once for every set, in one block so a set is cut into batches in one place
     source = read_source(prompts, num_samples).repartition(1).materialize()

@@ -20,7 +20,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import ray  # noqa: E402
 
-from ray_jobs.generate import DEFAULTS, main, read_outputs, run_generate  # noqa: E402
+from ray_jobs.generate import DEFAULTS, main, read_outputs, run_generate, scan_outputs  # noqa: E402
 from sampler import JointSampler, generate, load_backbone  # noqa: E402
 from sampler.toy import make_toy_backbone  # noqa: E402
 
@@ -151,6 +151,11 @@ def test_settings_mismatch_and_corrupt_part(toy, ray_cluster, tmp_path):
     res = run_generate(cfg)
     assert res["new_rows"] == 3 and res["rows"] == 6
     assert len(list((tmp_path / "o").glob("*.corrupt"))) == 1
+    # a job that owns its directory (evaluation) moves outputs of other settings aside, keeping them
+    logged: list[str] = []
+    assert scan_outputs(tmp_path / "o", {"mode": "joint"}, logged.append, stale="move") == set()
+    assert not (tmp_path / "o").exists() and len(list((tmp_path / "o.stale-1").glob("part-*.parquet"))) == 2
+    assert "moved to o.stale-1" in logged[0]
 
 
 def test_cli_errors_and_config_mirror(toy, tmp_path, capsys):
