@@ -32,7 +32,7 @@ DEFAULTS: dict[str, Any] = {
         "num_trajectories": 2400, "batch_size": 100, "chunk_size": 200,
     },
     "train": {  # overrides of ray_jobs.train.DEFAULTS
-        "steps": 1500, "batch_size": 32, "lr": 1.0e-3, "warmup_steps": 50, "k_max": 7,
+        "steps": 3000, "batch_size": 32, "lr": 1.0e-3, "warmup_steps": 50, "k_max": 7,
         "bf16": True,  # autocast: 2.1x the windows/s of float32 on a CPU with bf16 units (avx512_bf16)
         "val_every": 150, "checkpoint_every": 150, "val_windows_per_depth": 64,
     },
