@@ -239,16 +239,16 @@ def scan_outputs(directory: Path, key: dict, log=print, stale: str = "error") ->
             os.replace(f, bad)
             log(f"warning: {f} is unreadable ({e}); moved to {bad.name}, its prompts will be redone")
             continue
-        if meta.get("settings") != key and stale == "move":
-            n = 1
-            while directory.with_name(f"{directory.name}.stale-{n}").exists():
-                n += 1
-            aside = directory.with_name(f"{directory.name}.stale-{n}")
-            os.replace(directory, aside)
-            log(f"warning: {directory} holds outputs of other settings ({meta.get('settings')}); moved to "
-                f"{aside.name}, generating again")
-            return set()
         if meta.get("settings") != key:
+            if stale == "move":
+                n = 1
+                while directory.with_name(f"{directory.name}.stale-{n}").exists():
+                    n += 1
+                aside = directory.with_name(f"{directory.name}.stale-{n}")
+                os.replace(directory, aside)
+                log(f"warning: {directory} holds outputs of other settings ({meta.get('settings')}); "
+                    f"moved to {aside.name}, generating again")
+                return set()
             raise ValueError(f"{f}: written with other settings ({meta.get('settings')}); this run uses "
                              f"{key}. Use a new output directory.")
         done.update(ids)

@@ -101,11 +101,12 @@ def run_quickstart(config: dict | None = None, log=print) -> dict:
         n_traj = int(cfg["teacher"].get("num_trajectories") or 1024)
         prompt_files = teacher_prompts(out, n_traj, float(cfg["teacher_task_share"]), int(cfg["seed"]))
         teacher_dirs, teacher = [], {"trajectories": 0}
-        for name, gen_length in (("language", cfg["gen_length"]), ("tasks", cfg["task_gen_length"])):
+        for name, subdir, gen_length in (("language", "teacher", cfg["gen_length"]),
+                                         ("tasks", "teacher_tasks", cfg["task_gen_length"])):
             path, rows = prompt_files[name]
             if rows == 0:
                 continue
-            tdir = out / ("teacher" if name == "language" else "teacher_tasks")
+            tdir = out / subdir
             tcfg = {"backbone": cfg["backbone"], "gen_length": gen_length, "seed": cfg["seed"],
                     "prompts": str(path), "out": str(tdir), **common, **cfg["teacher"],
                     "num_trajectories": rows}

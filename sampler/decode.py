@@ -101,6 +101,7 @@ def unmask_step(backbone: Backbone, x: Tensor, cand: Tensor, valid: Tensor, *, c
     Returns ([(go, column)] per token slot: which rows decoded a token and where), sampler passes.
     """
     rows = torch.arange(x.shape[0], device=x.device)
+    cols = torch.arange(x.shape[1], device=x.device)
     h = backbone.hidden(x, attn_mask, ctx)  # the full pass
     logp, scores = read_out(backbone, h, cand, temperature, top_p, policy, gen)
     picks, sampler_passes, n = [], 0, min(k, cand.shape[1])
@@ -118,7 +119,6 @@ def unmask_step(backbone: Backbone, x: Tensor, cand: Tensor, valid: Tensor, *, c
         picks.append((go, pos))
         if eos_region is not None and backbone.eos_id is not None:
             hit = go & (token == backbone.eos_id)
-            cols = torch.arange(x.shape[1], device=x.device)
             after = hit[:, None] & (cols[None] > pos[:, None]) & eos_region
             x.masked_fill_(after & (x == backbone.mask_id), backbone.eos_id)
             valid &= ~torch.gather(after, 1, cand)
