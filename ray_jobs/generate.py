@@ -555,6 +555,11 @@ def check_inputs(prompts: str | Path | None, num_samples: int | None, sampler: s
         if not sampler:
             raise ValueError("mode joint needs a sampler directory (sampler=..., from `jointgen train`)")
         _sampler_identity(str(sampler))
+    check_settings(settings, dtype)
+
+
+def check_settings(settings: list[Settings], dtype: str | None = None) -> None:
+    """The decoding settings' values (no file is touched)."""
     if dtype not in (None, "float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be null, float32, bfloat16 or float16, got {dtype!r}")
     for s in settings:

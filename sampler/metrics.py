@@ -52,12 +52,19 @@ def truncate_at_eos(tokens: Sequence[int], eos_id: int | None) -> list[int]:
 
 @torch.no_grad()
 def judge_score(judge: Backbone, prompts: Sequence[Sequence[int]], gens: Sequence[Sequence[int]], *,
-                batch_size: int = 32, features: bool = True) -> dict[str, np.ndarray]:
+                batch_size: int = 32, features: bool = True,
+                feature_layer: int = -1) -> dict[str, np.ndarray]:
     """Score generated token ids after their prompts under a causal judge (same token ids as the judge's
     vocabulary). Returns per-sample `nll_sum`, `n_tokens` (generated tokens scored) and, with
-    `features`, `features`: the judge's last hidden states mean-pooled over the generated positions."""
+    `features`, `features`: the judge's hidden states mean-pooled over the generated positions, from
+    block `feature_layer` (1 = the first block's output; -1 = the last layer after the final norm).
+    Early blocks carry the local, lexical signal (broken words, repeated items) that parallel decoding
+    damages; the last layer of a small judge is mostly next-token prediction."""
     if len(prompts) != len(gens):
         raise ValueError(f"{len(prompts)} prompts but {len(gens)} generations")
+    n_layers = judge.args.n_layers
+    if features and not (feature_layer == -1 or 1 <= feature_layer <= n_layers):
+        raise ValueError(f"feature_layer {feature_layer}: use -1 (last, normed) or 1..{n_layers}")
     vocab = judge.args.vocab_size
     nll_sum = np.zeros(len(gens))
     n_tok = np.zeros(len(gens), dtype=np.int64)
@@ -85,14 +92,16 @@ def judge_score(judge: Backbone, prompts: Sequence[Sequence[int]], gens: Sequenc
             attn[i, off:] = True
             scored[i, off + len(p):] = True
         ids, attn, scored = ids.to(dev), attn.to(dev), scored.to(dev)
-        h = judge.hidden(ids, None if bool(attn.all()) else attn)
+        blocks: list[torch.Tensor] | None = [] if features and feature_layer != -1 else None
+        h = judge.hidden(ids, None if bool(attn.all()) else attn, collect=blocks)
         logp = F.log_softmax(judge.logits(h).float(), dim=-1)
         tok_nll = -logp.gather(-1, ids[..., None]).squeeze(-1)
         w = scored.float()
         nll_sum[a:a + len(rows)] = (tok_nll * w).sum(1).cpu().numpy()
         n_tok[a:a + len(rows)] = scored.sum(1).cpu().numpy()
         if feats is not None:
-            pooled = (h.float() * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1)
+            src = h if blocks is None else blocks[feature_layer - 1]
+            pooled = (src.float() * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1)
             feats[a:a + len(rows)] = pooled.cpu().numpy()
     out = {"nll_sum": nll_sum, "n_tokens": n_tok}
     if feats is not None:

@@ -15,7 +15,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import ray  # noqa: E402
 
-from ray_jobs.evaluate import DEFAULTS, main, run_evaluate  # noqa: E402
+from ray_jobs.evaluate import DEFAULTS, main, run_evaluate, verdict  # noqa: E402
 from sampler import JointSampler, ModelArgs, Transformer, load_backbone, save_backbone  # noqa: E402
 from sampler.backbone import load_tokenizer  # noqa: E402
 from sampler.tasks import make_task_examples  # noqa: E402
@@ -117,7 +117,28 @@ def test_bad_configs_are_refused(assets, tmp_path, capsys):
     assert main(["--set", "num_samples=3", "--sampler", str(assets["sampler"]),
                  "--backbone", str(assets["backbone"])]) == 2
     assert "num_samples" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="judge_feature_layer"):
+        run_evaluate(small(assets, tmp_path / "d", judge_feature_layer=0))
     assert yaml.safe_load((ROOT / "configs" / "evaluate.yaml").read_text()) == DEFAULTS
+
+
+def test_verdict_counts_only_measures_that_separate_exact_from_marginal():
+    """A measure on which exact is within the error bars of marginal (MAUVE at its ceiling) cannot rank
+    the methods: it is reported, not counted; a separating measure the sampler loses on fails it."""
+    def row(method, k, nll, mauve, valid):
+        return {"method": method, "k": k, "speedup": 2.0, "nll": {"mean": nll, "se": 0.03},
+                "mauve_judge": {"mean": mauve, "se": 0.01}, "task_validity": {"mean": valid, "se": 0.02}}
+
+    rows = [row("exact", 1, 6.4, 0.96, 0.95), row("joint", 4, 7.1, 0.95, 0.70),
+            row("marginal", 4, 7.4, 0.955, 0.42)]
+    v = verdict(rows, [4])["4"]
+    assert v["beats_marginal"] == {"nll": True, "mauve_judge": False, "task_validity": True}
+    assert v["exact_separates"] == {"nll": True, "mauve_judge": False, "task_validity": True}
+    assert v["all"] is True
+    rows[2]["mauve_judge"]["mean"] = 0.80  # now exact separates, and joint (0.95) beats it
+    assert verdict(rows, [4])["4"]["all"] is True
+    rows[1]["mauve_judge"]["mean"] = 0.79  # ... and now joint loses on a measure that counts
+    assert verdict(rows, [4])["4"]["all"] is False
 
 
 def test_quickstart_end_to_end_on_a_toy_backbone(assets, ray_cluster, tmp_path, capsys):

@@ -67,6 +67,29 @@ def test_judge_nll_matches_transformers_and_ignores_padding(toy_pair):
         metrics.judge_score(judge, [[judge.bos_id]], [[V + 5]])
 
 
+def test_judge_block_features_match_transformers_hidden_states(toy_pair):
+    """feature_layer=b pools block b's output (transformers' hidden_states[b]) over the generated
+    positions, the same with and without left padding; a block the judge lacks is refused."""
+    from transformers import Qwen2ForCausalLM
+
+    _, judge, judge_dir = toy_pair
+    rng = np.random.default_rng(1)
+    V = judge.args.vocab_size
+    prompts = [[judge.bos_id] + list(rng.integers(3, V, n)) for n in (0, 4)]
+    gens = [list(rng.integers(3, V, n)) for n in (6, 3)]
+    got = metrics.judge_score(judge, prompts, gens, batch_size=2, feature_layer=1)["features"]
+    last = metrics.judge_score(judge, prompts, gens, batch_size=2)["features"]
+    hf = Qwen2ForCausalLM.from_pretrained(str(judge_dir), dtype=torch.float32).eval()
+    for i, (p, g) in enumerate(zip(prompts, gens, strict=True)):
+        with torch.no_grad():
+            hs = hf(torch.tensor([p + g]), output_hidden_states=True).hidden_states
+        assert np.allclose(got[i], hs[1][0, len(p):].mean(0).numpy(), atol=1e-4)
+        assert np.allclose(last[i], hs[-1][0, len(p):].mean(0).numpy(), atol=1e-4)
+    assert not np.allclose(got, last, atol=1e-2)
+    with pytest.raises(ValueError, match="feature_layer"):
+        metrics.judge_score(judge, prompts, gens, feature_layer=judge.args.n_layers + 1)
+
+
 def test_mauve_is_wired_the_right_way_round(toy_pair):
     """Exact samples against a second exact draw score high; against uniformly random tokens, low."""
     backbone, judge, _ = toy_pair
