@@ -101,7 +101,7 @@ def test_each_backbone_has_every_stage_and_the_stages_chain(backbone):
     assert len({c["out"] for c in cfg.values()}) == 4, "every stage writes its own directory"
     assert all(c.get("gpus_per_actor") == 1 for job, c in cfg.items() if job != "train")
     assert cfg["train"]["use_gpu"] is True and cfg["train"]["bf16"] is True
-    args = serve_args(d / "serve.yaml", gpus=1)
+    args = serve_args(d / "serve.yaml", gpus=1)[0]
     assert args["backbone"] == cfg["teacher"]["backbone"] and args["sampler"] == sampler_dir
 
 
@@ -116,7 +116,7 @@ def test_instruct_configs_use_the_papers_decoding():
     assert (g["chat"], g["temperature"], g["top_p"], g["gen_length"]) == (True, 0.1, 0.9, 256)
     e = load_job(d / "evaluate.yaml")[1]
     assert (e["task_temperature"], e["top_p"], e["task_gen_length"]) == (0.1, 0.9, 256)
-    s = serve_args(d / "serve.yaml", gpus=1)["defaults"]
+    s = serve_args(d / "serve.yaml", gpus=1)[0]["defaults"]
     assert (s["temperature"], s["top_p"], s["max_tokens"]) == (0.1, 0.9, 256)
     for name in ("dream-7b-base", "llada-8b-base"):  # the base setting: 100K x 127 tokens, temperature 1
         b = load_job(ROOT / "configs" / name / "teacher.yaml")[1]
@@ -127,14 +127,21 @@ def test_instruct_configs_use_the_papers_decoding():
             5e-5, 250, 32, 7, 1.0)
 
 
-def serve_args(path: Path, gpus: int | None) -> dict:
+def test_serve_configs_here_and_on_a_cluster():
+    args, deps, http = serve_args(ROOT / "serve" / "config.yaml", gpus=None)
+    assert all(d["ray_actor_options"]["num_cpus"] < 1 for d in deps.values())  # 2 cores: fractional
+    assert http["host"] == "127.0.0.1"  # no key by default: loopback only
+    serve_args(ROOT / "serve" / "config.cluster.yaml", gpus=1)
+
+
+def serve_args(path: Path, gpus: int | None) -> tuple[dict, dict, dict]:
     from ray.serve.schema import ServeDeploySchema
 
     from serve.app import AppArgs
     from serve.app import load_config as load_serve
 
     ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))  # what `serve deploy` checks
-    args, deps, _ = load_serve(path)
+    args, deps, http = load_serve(path)
     AppArgs.model_validate(args)
     assert set(deps) == {"Ingress", "Generator"}
     for dep in deps.values():
@@ -143,7 +150,7 @@ def serve_args(path: Path, gpus: int | None) -> dict:
     assert deps["Generator"]["ray_actor_options"].get("num_gpus") == gpus
     if gpus:
         assert args["require_api_key"] is True  # a proxy on every interface needs a key
-    return args
+    return args, deps, http
 
 
 def test_quickstart_configs_sections_are_valid_stage_configs():
