@@ -59,9 +59,9 @@ DEFAULTS: dict[str, Any] = {
     "task_temperature": 1.0,
     # metrics
     "mauve_features": ["judge", "minilm"],  # also: hf (a local HF LM dir in hf_features_model)
-    "judge_feature_layer": 1,  # judge block whose states are pooled; -1 = last layer (see judge_score)
+    "judge_feature_layer": -1,  # -1 = the last layer (as MAUVE uses GPT-2's); b >= 1 = block b's output
     "hf_features_model": None,  # e.g. a local gpt2-large directory (features like the paper's)
-    "mauve_seeds": [1, 2, 3],
+    "mauve_seeds": [1, 2, 3, 4, 5],  # k-means seeds: their spread is the MAUVE error bar
     "train_summary": None,  # run_train's summary.json (or its out dir): held-out KL / top-1 per depth
     # Ray
     "out": "runs/evaluate",
@@ -371,6 +371,7 @@ def _fmt(m: dict | None, digits: int = 3) -> str:
 
 def markdown(result: dict) -> str:
     rows = result["rows"]
+    layer = result.get("config", {}).get("judge_feature_layer", -1)
     present = [(key, label) for key, label, _ in QUALITY if any(key in r for r in rows)]
     head = ["method", "k", "tok/full pass", "full passes", "sampler/full pass", "wall s", "tok/s", "speedup"]
     head += [label for _, label in present] + ["n"]
@@ -385,8 +386,9 @@ def markdown(result: dict) -> str:
     out = [f"# Evaluation: {result['backbone']['name']}", "",
            f"Samples per set: {result['num_samples']} (language, {result['gen_length']} tokens, same prompts "
            f"and seeds for every method); the `exact` row's MAUVE is exact against a second exact draw: the "
-           "ceiling. ± is a standard error (MAUVE: spread over k-means seeds). Speed: measured in this run, "
-           "batch " + str(result["batch_size"]) + ".", "", *lines, ""]
+           "ceiling. ± is a standard error (MAUVE: spread over k-means seeds). Judge features: "
+           + ("its last layer" if layer == -1 else f"its block {layer}") + ", mean-pooled over the generated "
+           "tokens. Speed: measured in this run, batch " + str(result["batch_size"]) + ".", "", *lines, ""]
     if result["gap_recovered"]:
         out += ["## Share of the exact-vs-marginal NLL gap recovered by the sampler", "",
                 "| k | gap recovered | paper (Dream-7B, k=4) |", "|---|---|---|"]

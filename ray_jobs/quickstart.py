@@ -37,7 +37,7 @@ DEFAULTS: dict[str, Any] = {
         "val_every": 150, "checkpoint_every": 150, "val_windows_per_depth": 64,
     },
     "evaluate": {  # overrides of ray_jobs.evaluate.DEFAULTS
-        "ks": [1, 2, 4, 8], "num_samples": 1000, "task_prompts": 300, "batch_size": 100,
+        "ks": [1, 2, 4, 8], "num_samples": 2000, "task_prompts": 300, "batch_size": 100,
     },
     "ray_address": None,  # null = RAY_ADDRESS or a local cluster
     "ray_num_cpus": None,

@@ -58,8 +58,7 @@ def judge_score(judge: Backbone, prompts: Sequence[Sequence[int]], gens: Sequenc
     vocabulary). Returns per-sample `nll_sum`, `n_tokens` (generated tokens scored) and, with
     `features`, `features`: the judge's hidden states mean-pooled over the generated positions, from
     block `feature_layer` (1 = the first block's output; -1 = the last layer after the final norm).
-    Early blocks carry the local, lexical signal (broken words, repeated items) that parallel decoding
-    damages; the last layer of a small judge is mostly next-token prediction."""
+    Early blocks carry the more local, lexical signal (broken words, repeated items)."""
     if len(prompts) != len(gens):
         raise ValueError(f"{len(prompts)} prompts but {len(gens)} generations")
     n_layers = judge.args.n_layers
