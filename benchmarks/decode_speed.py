@@ -24,7 +24,7 @@ import torch
 
 from sampler import JointSampler, encode_prompts, generate, load_backbone
 from sampler.backbone import Backbone, Layout
-from sampler.decode import read_out
+from sampler.decode import compile_read_out, read_out
 from sampler.model import ModelArgs, Transformer
 
 # Dream-v0-Base-7B (Qwen2.5-7B shapes): no weights needed to measure speed
@@ -96,9 +96,12 @@ def main() -> None:
     ap.add_argument("--ks", default="2,4,8")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the read-out (compile_read_out)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.compile:
+        compile_read_out()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     dtype = getattr(torch, args.dtype) if args.dtype else None
     if args.random_shapes:

@@ -154,3 +154,26 @@ def test_bad_arguments_raise_clear_errors(toy, tmp_path):
     loaded = JointSampler.load(tmp_path / "ok", toy)
     for a, b in zip(loaded.state_dict().values(), s.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_compiled_read_out_matches_eager(toy):
+    """compile_read_out() fuses log-softmax and position scores: same values, same decoding."""
+    from sampler.decode import compile_read_out, read_out
+
+    prompts = encode_prompts(toy, ["A journey of", "To be, or not", "Name"])
+    x = torch.tensor([p + [toy.mask_id] * (12 - len(p)) for p in (q[:12] for q in prompts)])
+    cand = torch.arange(4, 12).expand(x.shape[0], -1)
+    gen = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        h = toy.hidden(x)
+        want = [read_out(toy, h, cand, 0.7, 1.0, pol, gen) for pol in ("entropy", "margin")]
+        eager = generate(toy, prompts, mode="marginal", k=3, gen_length=9, temperature=0)
+        compile_read_out()
+        try:
+            got = [read_out(toy, h, cand, 0.7, 1.0, pol, gen) for pol in ("entropy", "margin")]
+            fused = generate(toy, prompts, mode="marginal", k=3, gen_length=9, temperature=0)
+        finally:
+            compile_read_out(False)
+    for (lp, sc), (glp, gsc) in zip(want, got, strict=True):
+        assert torch.allclose(lp, glp, atol=1e-4) and torch.allclose(sc, gsc, atol=1e-4)
+    assert fused.tokens == eager.tokens and fused.order == eager.order
