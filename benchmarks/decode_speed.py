@@ -18,6 +18,7 @@ the two is the cost of reading out distributions, the rest is loop overhead.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -97,6 +98,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the read-out (compile_read_out)")
+    ap.add_argument("--trials", type=int, default=1,
+                    help="interleaved trials of every row; the table shows medians (noisy machines)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -116,29 +119,31 @@ def main() -> None:
              else f"cpu, {torch.get_num_threads()} threads")
     print(f"backbone {bb.name} ({sum(p.numel() for p in bb.parameters()) / 1e6:.1f}M params, {bb.dtype}), "
           f"sampler {sum(p.numel() for p in s.parameters()) / 1e6:.1f}M params, {where}, "
-          f"gen_length {args.gen_length}")
+          f"gen_length {args.gen_length}, read-out {'compiled' if args.compile else 'eager'}")
 
     for batch in map(int, args.batches.split(",")):
         prompts = encode_prompts(bb, n=batch) if bb.tokenizer is not None else [[bb.bos_id]] * batch
-        cost = step_costs(bb, s, batch, len(prompts[0]), args.gen_length, max(5, args.repeats))
-        print(f"\nbatch {batch}: full pass {cost['full_ms']:.2f} ms, "
+        rows = [("exact", 1)] + [(m, k) for k in map(int, args.ks.split(",")) for m in ("marginal", "joint")]
+        costs, times, results = [], {row: [] for row in rows}, {}
+        for _ in range(args.trials):  # interleaved: a slow spell of the machine hits every row alike
+            costs.append(step_costs(bb, s, batch, len(prompts[0]), args.gen_length, max(5, args.repeats)))
+            for mode, k in rows:
+                def run(mode=mode, k=k, prompts=prompts, results=results):
+                    results[(mode, k)] = generate(bb, prompts, sampler=s if mode == "joint" else None,
+                                                  mode=mode, k=k, gen_length=args.gen_length, seed=0)
+
+                times[(mode, k)].append(time_it(run, args.repeats, bb.device))
+        cost = {key: statistics.median(c[key] for c in costs) for key in costs[0]}
+        print(f"\nbatch {batch} (median of {args.trials} trial(s)): full pass {cost['full_ms']:.2f} ms, "
               f"sampler step {cost['sampler_ms']:.2f} ms, "
               f"read-out at {args.gen_length // 2} candidates {cost['readout_ms']:.2f} ms: "
               f"c = {cost['c']:.3f}, c_step = {cost['c_step']:.3f}")
         print(f"{'mode':<9}{'k':>3}{'tok/s':>10}{'full':>6}{'samp':>6}{'speed-up':>10}{'ideal':>8}"
               f"{'of ideal':>10}{'of ideal(step)':>16}")
-        rows = [("exact", 1)] + [(m, k) for k in map(int, args.ks.split(",")) for m in ("marginal", "joint")]
         base = None
         for mode, k in rows:
-            res = {}
-
-            def run(mode=mode, k=k, res=res, prompts=prompts):
-                res["r"] = generate(bb, prompts, sampler=s if mode == "joint" else None, mode=mode, k=k,
-                                    gen_length=args.gen_length, seed=0)
-
-            dt = time_it(run, args.repeats, bb.device)
-            r = res["r"]
-            tps = r.decoded_tokens / dt
+            r = results[(mode, k)]
+            tps = r.decoded_tokens / statistics.median(times[(mode, k)])
             base = base or tps
             if mode == "joint":
                 ideal, ideal_step = (k / (1 + (k - 1) * cost[c]) for c in ("c", "c_step"))
