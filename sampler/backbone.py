@@ -290,9 +290,9 @@ class Backbone(nn.Module):
         return self.model.lm_head(h)
 
     def hidden(self, ids: Tensor, attention_mask: Tensor | None = None,
-               ctx: Context | None = None, collect: list[Tensor] | None = None) -> Tensor:
-        """Last-layer hidden states after the final norm, [B, L, H] (`collect`: see Transformer)."""
-        return self.model(ids, attention_mask, ctx, collect)
+               ctx: Context | None = None) -> Tensor:
+        """Last-layer hidden states after the final norm, [B, L, H]."""
+        return self.model(ids, attention_mask, ctx)
 
     def shifted(self, h: Tensor) -> Tensor:
         """Hidden states re-indexed so that row p predicts the token at position p."""

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from sampler.backbone import Backbone
 
@@ -50,6 +52,18 @@ def truncate_at_eos(tokens: Sequence[int], eos_id: int | None) -> list[int]:
     return tokens
 
 
+@contextmanager
+def _kept_output(module: nn.Module | None) -> Iterator[list[torch.Tensor]]:
+    """Outputs of `module` (None: nothing), appended by a forward hook that is removed on exit."""
+    kept: list[torch.Tensor] = []
+    handle = None if module is None else module.register_forward_hook(lambda _m, _i, out: kept.append(out))
+    try:
+        yield kept
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
 @torch.no_grad()
 def judge_score(judge: Backbone, prompts: Sequence[Sequence[int]], gens: Sequence[Sequence[int]], *,
                 batch_size: int = 32, features: bool = True,
@@ -69,39 +83,40 @@ def judge_score(judge: Backbone, prompts: Sequence[Sequence[int]], gens: Sequenc
     n_tok = np.zeros(len(gens), dtype=np.int64)
     feats = np.zeros((len(gens), judge.args.dim), dtype=np.float32) if features else None
     dev = judge.device
-    for a in range(0, len(gens), batch_size):
-        rows = [(list(p), list(g)) for p, g in zip(prompts[a:a + batch_size], gens[a:a + batch_size],
-                                                   strict=True)]
-        for i, (p, g) in enumerate(rows):
-            if not p:
-                raise ValueError(f"sample {a + i}: empty prompt (the judge conditions on at least BOS)")
-            if any(t < 0 or t >= vocab for t in p + g):
-                raise ValueError(f"sample {a + i}: token ids outside the judge's vocabulary [0, {vocab})")
-        L = max(len(p) + len(g) for p, g in rows)
-        if L > judge.args.max_seq_len:
-            raise ValueError(f"prompt + generation of {L} tokens exceeds the judge's context "
-                             f"{judge.args.max_seq_len}")
-        pad = judge.pad_id if judge.pad_id is not None else 0
-        ids = torch.full((len(rows), L), pad, dtype=torch.long)
-        attn = torch.zeros(len(rows), L, dtype=torch.bool)
-        scored = torch.zeros(len(rows), L, dtype=torch.bool)
-        for i, (p, g) in enumerate(rows):
-            off = L - len(p) - len(g)  # left padding, as the judge's positions expect
-            ids[i, off:] = torch.tensor(p + g)
-            attn[i, off:] = True
-            scored[i, off + len(p):] = True
-        ids, attn, scored = ids.to(dev), attn.to(dev), scored.to(dev)
-        blocks: list[torch.Tensor] | None = [] if features and feature_layer != -1 else None
-        h = judge.hidden(ids, None if bool(attn.all()) else attn, collect=blocks)
-        logp = F.log_softmax(judge.logits(h).float(), dim=-1)
-        tok_nll = -logp.gather(-1, ids[..., None]).squeeze(-1)
-        w = scored.float()
-        nll_sum[a:a + len(rows)] = (tok_nll * w).sum(1).cpu().numpy()
-        n_tok[a:a + len(rows)] = scored.sum(1).cpu().numpy()
-        if feats is not None:
-            src = h if blocks is None else blocks[feature_layer - 1]
-            pooled = (src.float() * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1)
-            feats[a:a + len(rows)] = pooled.cpu().numpy()
+    block = judge.model.layers[feature_layer - 1] if features and feature_layer != -1 else None
+    with _kept_output(block) as kept:
+        for a in range(0, len(gens), batch_size):
+            rows = [(list(p), list(g)) for p, g in zip(prompts[a:a + batch_size], gens[a:a + batch_size],
+                                                       strict=True)]
+            for i, (p, g) in enumerate(rows):
+                if not p:
+                    raise ValueError(f"sample {a + i}: empty prompt (the judge conditions on at least BOS)")
+                if any(t < 0 or t >= vocab for t in p + g):
+                    raise ValueError(f"sample {a + i}: token ids outside the judge's vocabulary [0, {vocab})")
+            L = max(len(p) + len(g) for p, g in rows)
+            if L > judge.args.max_seq_len:
+                raise ValueError(f"prompt + generation of {L} tokens exceeds the judge's context "
+                                 f"{judge.args.max_seq_len}")
+            pad = judge.pad_id if judge.pad_id is not None else 0
+            ids = torch.full((len(rows), L), pad, dtype=torch.long)
+            attn = torch.zeros(len(rows), L, dtype=torch.bool)
+            scored = torch.zeros(len(rows), L, dtype=torch.bool)
+            for i, (p, g) in enumerate(rows):
+                off = L - len(p) - len(g)  # left padding, as the judge's positions expect
+                ids[i, off:] = torch.tensor(p + g)
+                attn[i, off:] = True
+                scored[i, off + len(p):] = True
+            ids, attn, scored = ids.to(dev), attn.to(dev), scored.to(dev)
+            h = judge.hidden(ids, None if bool(attn.all()) else attn)
+            logp = F.log_softmax(judge.logits(h).float(), dim=-1)
+            tok_nll = -logp.gather(-1, ids[..., None]).squeeze(-1)
+            w = scored.float()
+            nll_sum[a:a + len(rows)] = (tok_nll * w).sum(1).cpu().numpy()
+            n_tok[a:a + len(rows)] = scored.sum(1).cpu().numpy()
+            if feats is not None:
+                src = h if block is None else kept.pop()
+                pooled = (src.float() * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1)
+                feats[a:a + len(rows)] = pooled.cpu().numpy()
     out = {"nll_sum": nll_sum, "n_tokens": n_tok}
     if feats is not None:
         out["features"] = feats

@@ -163,14 +163,11 @@ class Transformer(nn.Module):
         return Context(cos, sin, mask, self.args.causal)
 
     def forward(self, ids: Tensor, attention_mask: Tensor | None = None,
-                ctx: Context | None = None, collect: list[Tensor] | None = None) -> Tensor:
-        """Last-layer hidden states after the final norm, [B, L, dim]; `collect`, if given, receives
-        every block's output (the residual stream, before the final norm)."""
+                ctx: Context | None = None) -> Tensor:
+        """Last-layer hidden states after the final norm, [B, L, dim]."""
         x = self.embed_tokens(ids)
         if ctx is None:
             ctx = self.context(attention_mask, ids.shape[1], ids.shape[0], x.dtype, ids.device)
         for layer in self.layers:
             x = layer(x, ctx)
-            if collect is not None:
-                collect.append(x)
         return self.norm(x)
