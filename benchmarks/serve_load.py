@@ -85,7 +85,7 @@ def start_local(args: argparse.Namespace) -> str:
     app_args, deployments, _ = load_config(Path(__file__).resolve().parents[1] / "serve" / "config.yaml")
     backbone = args.backbone
     if backbone is None and not (DEFAULT_BACKBONE / "config.json").exists():
-        from sampler.toy import make_toy_backbone
+        from sampler.testing import make_toy_backbone
 
         backbone = str(make_toy_backbone(Path(tempfile.mkdtemp()) / "toy"))
         print(f"(no embedded backbone yet: using a toy backbone at {backbone})", file=sys.stderr)

@@ -27,7 +27,7 @@ import ray  # noqa: E402
 from ray_jobs.common import read_manifest  # noqa: E402
 from ray_jobs.teacher import run_teacher  # noqa: E402
 from sampler.backbone import DEFAULT_BACKBONE  # noqa: E402
-from sampler.toy import make_toy_backbone  # noqa: E402
+from sampler.testing import make_toy_backbone  # noqa: E402
 
 
 def main() -> None:

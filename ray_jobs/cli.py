@@ -8,7 +8,8 @@ import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
     # name: (module, one-line help)
-    "pretrain": ("sampler.pretrain", "train the embedded backbone / judge (masked diffusion / causal)"),
+    "pretrain": ("sampler.embedded.pretrain",
+                 "train the embedded backbone / judge (masked diffusion / causal)"),
     "teacher": ("ray_jobs.teacher", "decode exact teacher trajectories on Ray actors into Parquet shards"),
     "train": ("ray_jobs.train", "fit the joint sampler on teacher shards with Ray Train"),
     "serve": ("serve.app", "serve backbone + sampler behind an OpenAI-style API (Ray Serve)"),

@@ -57,7 +57,7 @@ def teacher_prompts(out: Path, n: int, task_share: float, seed: int) -> dict[str
     """Two prompt files: unconditional rows (empty prompt -> [BOS]) and fresh task prompts. Task answers
     get their own teacher run with a short gen_length, so that their dependencies are not drowned in
     windows that only fill an EOS tail. Returns {"language"|"tasks": (file, rows)}."""
-    from sampler.tasks import make_task_examples
+    from sampler.embedded.tasks import make_task_examples
 
     n_task = int(round(n * task_share))
     tasks = make_task_examples(n_task, seed=seed + 7919)

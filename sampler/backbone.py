@@ -10,7 +10,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
@@ -18,6 +18,9 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from sampler.model import Context, ModelArgs, Transformer
+
+if TYPE_CHECKING:
+    from sampler.kvcache import KVCache
 
 DEFAULT_BACKBONE = Path(__file__).parent / "assets" / "backbone"
 DEFAULT_JUDGE = Path(__file__).parent / "assets" / "judge"
@@ -290,9 +293,10 @@ class Backbone(nn.Module):
         return self.model.lm_head(h)
 
     def hidden(self, ids: Tensor, attention_mask: Tensor | None = None,
-               ctx: Context | None = None) -> Tensor:
-        """Last-layer hidden states after the final norm, [B, L, H]."""
-        return self.model(ids, attention_mask, ctx)
+               ctx: Context | None = None, cache: KVCache | None = None) -> Tensor:
+        """Last-layer hidden states after the final norm, [B, L, H]; with a `cache` (sampler.kvcache),
+        the columns it does not compute come from it."""
+        return self.model(ids, attention_mask, ctx, cache)
 
     def shifted(self, h: Tensor) -> Tensor:
         """Hidden states re-indexed so that row p predicts the token at position p."""

@@ -1,25 +1,28 @@
 """Decoding a masked diffusion LM: exact (one token per full pass), marginal (k tokens from one pass's
-distributions) and joint (one full pass, then the sampler after every sampled token; DESIGN 1.2).
+distributions), joint (one full pass, then the sampler after every sampled token) and their
+confidence-threshold forms (docs/method.md).
 
 `generate` is the whole algorithm, batched, top to bottom. Only positions that can still be chosen go
-through the LM head, and the k-loop does no host synchronisation.
+through the LM head, and the k-loop does no host synchronisation (with a threshold: one per pass, and
+one per sampler pass, to stop as soon as no row takes another token).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from sampler.backbone import Backbone
 from sampler.joint import JointSampler
+from sampler.kvcache import KVCache
 from sampler.model import Context
-
-MODES = ("exact", "marginal", "joint")
-POLICIES = ("entropy", "confidence", "margin", "random")
+from sampler.settings import DecodeSettings
 
 
 @dataclass
@@ -67,7 +70,7 @@ def candidate_logits(backbone: Backbone, h: Tensor, positions: Tensor) -> Tensor
     return logits
 
 
-def position_scores(logp: Tensor, policy: str, gen: torch.Generator | None) -> Tensor:
+def position_scores(logp: Tensor, policy: str, rng: torch.Generator | None) -> Tensor:
     """Higher = decode first. logp: [B, M, V] -> [B, M]."""
     if policy == "entropy":
         return (logp.exp() * logp).sum(-1)  # minus entropy
@@ -76,7 +79,7 @@ def position_scores(logp: Tensor, policy: str, gen: torch.Generator | None) -> T
     if policy == "margin":
         top2 = logp.topk(2, dim=-1).values.exp()
         return top2[..., 0] - top2[..., 1]
-    return torch.rand(logp.shape[:2], generator=gen, device=logp.device)
+    return torch.rand(logp.shape[:2], generator=rng, device=logp.device)
 
 
 def _log_probs_and_scores(logits: Tensor, temperature: float, policy: str) -> tuple[Tensor, Tensor]:
@@ -98,55 +101,86 @@ def compile_read_out(enabled: bool = True) -> None:
 
 
 def read_out(backbone: Backbone, h: Tensor, cand: Tensor, temperature: float, top_p: float, policy: str,
-             gen: torch.Generator) -> tuple[Tensor, Tensor]:
+             rng: torch.Generator) -> tuple[Tensor, Tensor]:
     """Log-probabilities [B, M, V] at the candidate columns and their position scores [B, M]."""
     logits = candidate_logits(backbone, h, cand)
     if _FUSED is not None and top_p >= 1.0 and policy != "random":
         return _FUSED(logits, temperature, policy)
     logp = log_probs(logits, temperature, top_p)
-    return logp, position_scores(logp, policy, gen)
+    return logp, position_scores(logp, policy, rng)
 
 
 @torch.inference_mode()
 def unmask_step(backbone: Backbone, x: Tensor, cand: Tensor, valid: Tensor, *, ctx: Context,
-                attn_mask: Tensor | None, sampler: JointSampler | None, k: int, temperature: float,
-                top_p: float, policy: str, gen: torch.Generator,
-                eos_region: Tensor | None = None) -> tuple[list[tuple[Tensor, Tensor]], int]:
-    """One full pass, then up to k tokens per row written into `x` in place (DESIGN 1.2): with a
-    sampler, a sampler pass after each token but the last, so later tokens see earlier ones; without,
-    all k from the full pass's distributions (marginal).
+                attn_mask: Tensor | None, settings: DecodeSettings, sampler: JointSampler | None,
+                rng: torch.Generator, eos_region: Tensor | None = None, cache: KVCache | None = None,
+                ) -> tuple[list[tuple[Tensor, Tensor]], int]:
+    """One full pass, then up to k tokens per row written into `x` in place (docs/method.md).
+
+    Fixed k: with a sampler, a sampler pass after each token but the last, so later tokens see earlier
+    ones; without, all k from the full pass's distributions (marginal). With a threshold: every
+    candidate whose top probability is >= threshold (and at least the best one) comes from the full
+    pass; in joint mode the sampler then decides the uncertain ones one at a time, up to k in all, and
+    the loop stops as soon as no row takes another token.
 
     cand [B, M]: candidate columns of x; valid [B, M]: which of them may still be chosen (updated in
     place). With `eos_region` ([B, L] bool, the generated columns), a sampled EOS ends its row: later
-    masked columns of the region become EOS and leave the candidates. No host synchronisation.
+    masked columns of the region become EOS and leave the candidates.
     Returns ([(go, column)] per token slot: which rows decoded a token and where), sampler passes.
     """
+    s = settings
+    use_sampler = sampler if s.mode == "joint" else None
     rows = torch.arange(x.shape[0], device=x.device)
     cols = torch.arange(x.shape[1], device=x.device)
-    h = backbone.hidden(x, attn_mask, ctx)  # the full pass
-    logp, scores = read_out(backbone, h, cand, temperature, top_p, policy, gen)
-    picks, sampler_passes, n = [], 0, min(k, cand.shape[1])
-    for j in range(n):
-        go = valid.any(1)
-        pick = scores.masked_fill(~valid, float("-inf")).argmax(1)  # [B]
+    used = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)  # tokens written per row
+
+    def write(allowed: Tensor, logp: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
+        """The best allowed candidate of each row that has one: sample its token, write it."""
+        go = allowed.any(1)
+        pick = scores.masked_fill(~allowed, float("-inf")).argmax(1)  # [B]
         lp = logp[rows, pick]
-        if temperature == 0:
+        if s.temperature == 0:
             token = lp.argmax(-1)
         else:
-            token = torch.multinomial(lp.exp(), 1, generator=gen).squeeze(1)
+            token = torch.multinomial(lp.exp(), 1, generator=rng).squeeze(1)
         pos = cand[rows, pick]
         x[rows, pos] = torch.where(go, token, x[rows, pos])
-        valid[rows, pick] = False
-        picks.append((go, pos))
+        valid[rows, pick] &= ~go
+        used.add_(go.long())
         if eos_region is not None and backbone.eos_id is not None:
             hit = go & (token == backbone.eos_id)
             after = hit[:, None] & (cols[None] > pos[:, None]) & eos_region
             x.masked_fill_(after & (x == backbone.mask_id), backbone.eos_id)
-            valid &= ~torch.gather(after, 1, cand)
-        if sampler is not None and j < n - 1:
-            h = sampler(backbone.embed(x), h, ctx)
-            sampler_passes += 1
-            logp, scores = read_out(backbone, h, cand, temperature, top_p, policy, gen)
+            valid.logical_and_(~torch.gather(after, 1, cand))
+        return go, pos
+
+    h = backbone.hidden(x, attn_mask, ctx, cache)  # the full pass (with a cache: its planned columns)
+    logp, scores = read_out(backbone, h, cand, s.temperature, s.top_p, s.policy, rng)
+    picks, sampler_passes, k = [], 0, min(s.k, cand.shape[1])
+    if s.threshold is None:
+        for j in range(k):
+            picks.append(write(valid, logp, scores))
+            if use_sampler is not None and j < k - 1:
+                h = use_sampler(backbone.embed(x), h, ctx, cache)
+                sampler_passes += 1
+                logp, scores = read_out(backbone, h, cand, s.temperature, s.top_p, s.policy, rng)
+        return picks, sampler_passes
+
+    # threshold: the sure candidates (and each row's best) from the full pass, in score order
+    sure = valid & (logp.max(-1).values >= math.log(s.threshold) if s.threshold > 0 else valid)
+    best = scores.masked_fill(~valid, float("-inf")).argmax(1)
+    sure[rows, best] |= valid[rows, best]
+    for _ in range(min(k, int(sure.sum(1).max()))):  # one host synchronisation per full pass
+        picks.append(write(sure & valid & (used < k)[:, None], logp, scores))
+    # joint: uncertain candidates one at a time, each after a sampler pass that sees every token so far
+    while use_sampler is not None:
+        more = valid.any(1) & (used < k)
+        if not bool(more.any()):
+            break
+        h = use_sampler(backbone.embed(x), h, ctx, cache)
+        sampler_passes += 1
+        logp, scores = read_out(backbone, h, cand, s.temperature, s.top_p, s.policy, rng)
+        picks.append(write(valid & more[:, None], logp, scores))
     return picks, sampler_passes
 
 
@@ -163,27 +197,15 @@ def candidates(masked: Tensor, block_id: Tensor) -> tuple[Tensor, Tensor, Tensor
     return cand, torch.gather(allowed, 1, cand), counts
 
 
-def check_args(backbone: Backbone, prompts: Sequence[Sequence[int]], sampler: JointSampler | None,
-               mode: str, k: int, gen_length: int, temperature: float, top_p: float, policy: str,
-               block_length: int | None) -> None:
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if policy not in POLICIES:
-        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
-    if not isinstance(k, int) or k < 1:
-        raise ValueError(f"k (tokens per full pass) must be an integer >= 1, got {k!r}")
-    if mode == "joint" and sampler is None:
+def check_inputs(backbone: Backbone, prompts: Sequence[Sequence[int]], settings: DecodeSettings,
+                 sampler: JointSampler | None, gen_length: int) -> None:
+    """What the settings cannot check alone: the prompts, the sampler and the context length."""
+    if settings.mode == "joint" and sampler is None:
         raise ValueError("mode='joint' needs a sampler (JointSampler); none was given")
     if sampler is not None:
         sampler.check_backbone(backbone)
-    if gen_length < 1:
-        raise ValueError(f"gen_length must be >= 1, got {gen_length}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if block_length is not None and block_length < 1:
-        raise ValueError(f"block_length must be >= 1, got {block_length}")
+    if not isinstance(gen_length, int) or gen_length < 1:
+        raise ValueError(f"gen_length must be an integer >= 1, got {gen_length!r}")
     if len(prompts) == 0:
         raise ValueError("prompts is empty")
     vocab = backbone.args.vocab_size
@@ -198,47 +220,58 @@ def check_args(backbone: Backbone, prompts: Sequence[Sequence[int]], sampler: Jo
                          f"of {backbone.args.max_seq_len}")
 
 
+def pack_rows(backbone: Backbone, prompts: Sequence[Sequence[int]], gen_length: int,
+              width: int | None = None) -> tuple[Tensor, Tensor]:
+    """Rows of [left padding, prompt, gen_length masks], right-aligned to `width` columns (default: the
+    longest prompt + gen_length), and their attention masks (False on padding). Right alignment keeps
+    every row's generated region in the last gen_length columns."""
+    width = width or max(len(p) for p in prompts) + gen_length
+    pad = backbone.pad_id if backbone.pad_id is not None else backbone.mask_id
+    x = torch.full((len(prompts), width), backbone.mask_id, dtype=torch.long)
+    attn = torch.ones(len(prompts), width, dtype=torch.bool)
+    for b, p in enumerate(prompts):
+        n_pad = width - gen_length - len(p)
+        if n_pad < 0:
+            raise ValueError(f"prompt {b} of {len(p)} tokens + {gen_length} does not fit {width} columns")
+        x[b, :n_pad] = pad
+        x[b, n_pad: width - gen_length] = torch.tensor(list(p), dtype=torch.long)
+        attn[b, :n_pad] = False
+    return x.to(backbone.device), attn.to(backbone.device)
+
+
 @torch.inference_mode()
 def generate(
     backbone: Backbone,
     prompts: Sequence[Sequence[int]],
+    settings: DecodeSettings | None = None,
     *,
     sampler: JointSampler | None = None,
-    mode: str = "exact",
-    k: int = 1,
     gen_length: int = 64,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    policy: str = "entropy",
-    block_length: int | None = None,
-    stop_at_eos: bool = False,
     seed: int = 0,
     on_step: Callable[[Tensor], None] | None = None,
+    **fields: Any,
 ) -> GenerateResult:
     """Fill `gen_length` masked positions after each prompt (token ids; left-padded into a batch).
 
+    The decoding is `settings` with any `DecodeSettings` field given as a keyword on top
+    (`generate(bb, prompts, mode="joint", k=4, sampler=s)`):
     exact: one token per full pass. marginal: k tokens per pass, all from that pass's distributions.
     joint: k tokens per pass; after each one the sampler updates the distributions of the rest.
+    threshold: the confident candidates of a pass all at once (Fast-dLLM's rule), k at most.
     With `block_length`, positions are filled block by block, left to right (semi-autoregressive).
     With `stop_at_eos`, an EOS ends its row: later positions become EOS without being decoded.
     `on_step(gen_ids)` is called after every full pass with the generated region (for streaming).
     """
-    check_args(backbone, prompts, sampler, mode, k, gen_length, temperature, top_p, policy, block_length)
+    s = (settings or DecodeSettings()).replace(**fields) if fields else (settings or DecodeSettings())
+    check_inputs(backbone, prompts, s, sampler, gen_length)
     t0 = time.perf_counter()
-    if mode == "exact":
-        k = 1
     dev, mask_id, eos_id = backbone.device, backbone.mask_id, backbone.eos_id
     B, P, G = len(prompts), max(len(p) for p in prompts), gen_length
-    x = torch.full((B, P + G), mask_id, dtype=torch.long, device=dev)
-    attn = torch.ones(B, P + G, dtype=torch.bool, device=dev)
-    for b, p in enumerate(prompts):  # left padding keeps every generated region at columns P..P+G
-        x[b, : P - len(p)] = backbone.pad_id if backbone.pad_id is not None else mask_id
-        x[b, P - len(p): P] = torch.tensor(list(p), dtype=torch.long)
-        attn[b, : P - len(p)] = False
+    x, attn = pack_rows(backbone, prompts, G)
     attn_mask = None if bool(attn.all()) else attn
     ctx = backbone.context(x, attn_mask)  # rotary tables and mask: the same for every pass
-    gen = x[:, P:]  # a view: writing it writes x
-    block = block_length or G
+    generated = x[:, P:]  # a view: writing x writes it
+    block = s.block_length or G
     block_id = torch.cat([torch.full((P,), G, device=dev), torch.arange(G, device=dev) // block])
     block_id = block_id[None].expand(B, -1)
     region = torch.zeros(B, P + G, dtype=torch.bool, device=dev)
@@ -249,28 +282,31 @@ def generate(
     rng = torch.Generator(device=dev).manual_seed(seed)
     rows = torch.arange(B, device=dev)
     full_passes = sampler_passes = 0
+    cache = (KVCache.for_backbone(backbone, B, P + G, s.kv_cache, sampler if s.mode == "joint" else None)
+             if s.kv_cache != "none" else None)
 
     while True:
         cand, valid, counts = candidates((x == mask_id) & region, block_id)
         if cand.shape[1] == 0:
             break
         row_passes += counts > 0
-        picks, n_sampler = unmask_step(
-            backbone, x, cand, valid, ctx=ctx, attn_mask=attn_mask,
-            sampler=sampler if mode == "joint" else None, k=k, temperature=temperature, top_p=top_p,
-            policy=policy, gen=rng, eos_region=region if stop_at_eos else None)
+        if cache is not None:  # a new block: refresh; else compute only the block (prefix: and after it)
+            cache.plan((x == mask_id) & region, block_id)
+        picks, n_sampler = unmask_step(backbone, x, cand, valid, ctx=ctx, attn_mask=attn_mask, settings=s,
+                                       sampler=sampler, rng=rng, eos_region=region if s.stop_at_eos else None,
+                                       cache=cache)
         full_passes, sampler_passes = full_passes + 1, sampler_passes + n_sampler
         for go, pos in picks:
             order[rows, torch.where(go, n_done, G)] = pos - P
             n_done += go
         if on_step is not None:
-            on_step(gen.detach().cpu())
+            on_step(generated.detach().cpu())
 
-    tokens = gen.tolist()
+    tokens = generated.tolist()
     orders = [o[:n] for o, n in zip(order[:, :G].tolist(), n_done.tolist(), strict=True)]
     text = []
     for row in tokens:
-        if stop_at_eos and eos_id is not None and eos_id in row:
+        if s.stop_at_eos and eos_id is not None and eos_id in row:
             row = row[: row.index(eos_id)]
         text.append(backbone.tokenizer.decode(row, skip_special_tokens=True) if backbone.tokenizer else "")
     return GenerateResult(

@@ -11,13 +11,17 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from sampler.backbone import Backbone
-from sampler.model import Block, Context, ModelArgs, RMSNorm
+from sampler.model import Block, Context, ModelArgs, RMSNorm, gather_cols, scatter_cols
+
+if TYPE_CHECKING:
+    from sampler.kvcache import KVCache
 
 SAMPLER_WEIGHTS = "sampler.safetensors"
 SAMPLER_CONFIG = "sampler.json"
@@ -48,11 +52,19 @@ class JointSampler(nn.Module):
         s = cls(backbone.args, backbone_identity=backbone.identity, backbone_name=backbone.name)
         return s.to(device=backbone.device)
 
-    def forward(self, e: Tensor, h: Tensor, ctx: Context) -> Tensor:
+    def forward(self, e: Tensor, h: Tensor, ctx: Context, cache: KVCache | None = None) -> Tensor:
         """One sampler step: embeddings of the current tokens and the previous hidden state -> new
-        hidden state in the backbone's hidden space (read out by `Backbone.logits`)."""
-        x = self.proj(torch.cat([self.norm_e(e), self.norm_h(h)], dim=-1))
-        return h + self.norm_out(self.block(x, ctx))
+        hidden state in the backbone's hidden space (read out by `Backbone.logits`).
+
+        With a `cache` (sampler.kvcache), after its first pass since a refresh only `cache.cols` are
+        computed, over the cached keys and values of the others, whose h passes through unchanged."""
+        cols, kvs = cache.start("sampler") if cache is not None else (None, [None])
+        h_in = h
+        if cols is not None:
+            e, h_in, ctx = gather_cols(e, cols), gather_cols(h, cols), ctx.at(cols)
+        x = self.proj(torch.cat([self.norm_e(e), self.norm_h(h_in)], dim=-1))
+        out = h_in + self.norm_out(self.block(x, ctx, kvs[0]))
+        return out if cols is None else scatter_cols(h, cols, out)
 
     def check_backbone(self, backbone: Backbone) -> None:
         if self.backbone_identity and backbone.identity and self.backbone_identity != backbone.identity:

@@ -3,15 +3,20 @@
 Module names follow the Qwen2 / Dream layout (`embed_tokens`, `layers.N.self_attn.q_proj`, ...) so a
 Dream checkpoint loads by stripping its `model.` prefix; other layouts (LLaDA) map onto these names in
 `sampler.backbone`. RMSNorm, RoPE (rotate-half), grouped-query attention through SDPA, SwiGLU MLP.
+A pass can also compute only some columns over cached keys and values (`sampler.kvcache`).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from sampler.kvcache import KVCache
 
 
 @dataclass
@@ -75,6 +80,40 @@ class Context:
     sin: Tensor
     mask: Tensor | None  # bool [B, 1, L|1, L], True = may attend; None = full (or plain causal)
     causal: bool
+    cols: Tensor | None = None  # [B, Q]: the only columns a pass computes (KV cache); None = all
+
+    def at(self, cols: Tensor) -> Context:
+        """The context of a pass that computes only `cols` ([B, Q]) and reads the other columns' keys
+        and values from a KV cache: rotary tables at those columns' positions, the same key mask."""
+        if self.causal:
+            raise ValueError("a KV cache pass needs a bidirectional model (causal=False)")
+        idx = cols[:, None, :, None].expand(-1, 1, -1, self.cos.shape[-1])
+        return Context(self.cos.gather(2, idx), self.sin.gather(2, idx), self.mask, False, cols)
+
+
+def gather_cols(x: Tensor, cols: Tensor) -> Tensor:
+    """x[b, cols[b]]: [B, L, D], [B, Q] -> [B, Q, D]."""
+    return x.gather(1, cols[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def scatter_cols(x: Tensor, cols: Tensor, src: Tensor) -> Tensor:
+    """A copy of x ([B, L, D]) with rows cols[b] ([B, Q]) replaced by src ([B, Q, D])."""
+    return x.scatter(1, cols[..., None].expand(-1, -1, x.shape[-1]), src)
+
+
+def store_kv(kv: tuple[Tensor, Tensor], k: Tensor, v: Tensor, cols: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Write a pass's keys and values ([B, n_kv, Q, hd]) into a layer's cache ([B, n_kv, L, hd]) at
+    every column (cols None) or at `cols` ([B, Q]; repeated columns carry equal values), and return
+    the whole cache: the pass attends over its own fresh keys and everyone else's cached ones."""
+    cache_k, cache_v = kv
+    if cols is None:
+        cache_k.copy_(k)
+        cache_v.copy_(v)
+    else:
+        idx = cols[:, None, :, None].expand_as(k)
+        cache_k.scatter_(2, idx, k)
+        cache_v.scatter_(2, idx, v)
+    return cache_k, cache_v
 
 
 class Attention(nn.Module):
@@ -86,13 +125,15 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(a.dim, a.n_kv_heads * a.head_dim, bias=a.qkv_bias)
         self.o_proj = nn.Linear(a.n_heads * a.head_dim, a.dim, bias=False)
 
-    def forward(self, x: Tensor, ctx: Context) -> Tensor:
-        B, L, _ = x.shape
+    def forward(self, x: Tensor, ctx: Context, kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        B, L, _ = x.shape  # L: the computed columns (all of them unless ctx.cols)
         q = self.q_proj(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q = q * ctx.cos + rotate_half(q) * ctx.sin
         k = k * ctx.cos + rotate_half(k) * ctx.sin
+        if kv is not None:  # KV cache: keep this pass's keys and values, attend over every column's
+            k, v = store_kv(kv, k, v, ctx.cols)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=ctx.mask, is_causal=ctx.causal and ctx.mask is None,
             enable_gqa=self.n_kv_heads != self.n_heads,
@@ -121,8 +162,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(a.dim, a.norm_eps)
         self.mlp = MLP(a)
 
-    def forward(self, x: Tensor, ctx: Context) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), ctx)
+    def forward(self, x: Tensor, ctx: Context, kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), ctx, kv)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -163,11 +204,20 @@ class Transformer(nn.Module):
         return Context(cos, sin, mask, self.args.causal)
 
     def forward(self, ids: Tensor, attention_mask: Tensor | None = None,
-                ctx: Context | None = None) -> Tensor:
-        """Last-layer hidden states after the final norm, [B, L, dim]."""
-        x = self.embed_tokens(ids)
+                ctx: Context | None = None, cache: KVCache | None = None) -> Tensor:
+        """Last-layer hidden states after the final norm, [B, L, dim].
+
+        With a `cache` (sampler.kvcache): the first pass after a refresh computes every column and stores
+        every layer's keys and values; later ones compute only `cache.cols` over the cached keys and
+        values of the rest, and return the stored hidden states with those columns replaced."""
         if ctx is None:
-            ctx = self.context(attention_mask, ids.shape[1], ids.shape[0], x.dtype, ids.device)
-        for layer in self.layers:
-            x = layer(x, ctx)
-        return self.norm(x)
+            ctx = self.context(attention_mask, ids.shape[1], ids.shape[0], self.embed_tokens.weight.dtype,
+                               ids.device)
+        cols, kvs = cache.start("backbone") if cache is not None else (None, [None] * len(self.layers))
+        if cols is not None:
+            ids, ctx = ids.gather(1, cols), ctx.at(cols)
+        x = self.embed_tokens(ids)
+        for layer, kv in zip(self.layers, kvs, strict=True):
+            x = layer(x, ctx, kv)
+        x = self.norm(x)
+        return x if cache is None else cache.merge(x, cols)

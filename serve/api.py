@@ -1,11 +1,12 @@
 """Request and response bodies of the OpenAI-style API, plus the error shape.
 
 Requests follow OpenAI's completions / chat completions schema so the official client works unchanged.
-Extension fields choose the decoding: `mode` (exact / marginal / joint), `k` (tokens per full pass),
-`policy`, `block_length`, `stop_at_eos`. Fields left out take the server's configured defaults; `k` is
-ignored (1) in exact mode.
-Static ranges are checked here; limits that depend on the served model (context length, max `k`,
-whether a sampler is loaded) are checked by the generator, which owns the model.
+Extension fields choose the decoding: `mode` (exact / marginal / joint), `k` (the most tokens per full
+pass), `threshold` (confidence-threshold decoding), `kv_cache` (none / prefix / dual), `policy`,
+`block_length`, `stop_at_eos`. Fields left out take the server's configured defaults; `k` is ignored (1)
+in exact mode. The decoding fields' types come from `sampler.settings`, and their values are validated
+there (one place), by the generator, with the server's limits and what depends on the served model
+(context length, max `k`, whether a sampler is loaded); a bad value is a 400 that names the field.
 """
 
 from __future__ import annotations
@@ -14,8 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-Mode = Literal["exact", "marginal", "joint"]
-Policy = Literal["entropy", "confidence", "margin", "random"]
+from sampler.settings import KVCache, Mode, Policy
 
 
 class ApiError(Exception):
@@ -66,8 +66,8 @@ class _Request(BaseModel):
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    temperature: float | None = Field(None, le=2.0)  # OpenAI's protocol bound; the rest: DecodeSettings
+    top_p: float | None = None
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -77,9 +77,11 @@ class _Request(BaseModel):
     user: str | None = None
     # extensions
     mode: Mode | None = None
-    k: int | None = Field(None, ge=1)
+    k: int | None = None
+    threshold: float | None = None
+    kv_cache: KVCache | None = None
     policy: Policy | None = None
-    block_length: int | None = Field(None, ge=1)
+    block_length: int | None = None
     stop_at_eos: bool | None = None
 
     @field_validator("stop")
@@ -105,7 +107,8 @@ class _Request(BaseModel):
         """The decoding settings the generator reads (None = server default)."""
         return {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
                 "n": self.n, "seed": self.seed, "stop": self.stop, "mode": self.mode, "k": self.k,
-                "policy": self.policy, "block_length": self.block_length, "stop_at_eos": self.stop_at_eos}
+                "threshold": self.threshold, "kv_cache": self.kv_cache, "policy": self.policy,
+                "block_length": self.block_length, "stop_at_eos": self.stop_at_eos}
 
 
 class StreamOptions(BaseModel):
@@ -178,7 +181,10 @@ class DecodingInfo(BaseModel):
     """Extension object `jointgen` on every response: how the answer was decoded and batched."""
     mode: str
     k: int
+    threshold: float | None = None
+    kv_cache: str = "none"
     full_passes: int
+    tokens_per_pass: float  # mean over rows of tokens decoded per full pass that decoded for the row
     sampler_passes: int
     batch_requests: int  # requests that shared this answer's full passes
     batch_rows: int  # sequences in that batch (a request with n=3 adds 3 rows)

@@ -34,14 +34,35 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from serve.api import ApiError
+from sampler.decode import candidates, pack_rows, unmask_step
+from sampler.settings import DecodeSettings, Mode
+from serve.api import ApiError, validation_error
 
 log = logging.getLogger("jointgen.serve")
 
-DEFAULTS: dict[str, Any] = {"mode": "joint", "k": 4, "max_tokens": 64, "temperature": 1.0, "top_p": 1.0,
-                            "policy": "entropy", "block_length": None, "stop_at_eos": True}
-LIMITS: dict[str, int] = {"max_tokens": 256, "max_k": 8, "max_n": 8, "max_prompt_tokens": 1024}
+class ServeDefaults(DecodeSettings):
+    """What a request that leaves a field out gets: the decoding settings plus max_tokens."""
+
+    mode: Mode = "joint"  # falls back to exact when no sampler is loaded
+    k: int = Field(4, ge=1)
+    stop_at_eos: bool = True
+    max_tokens: int = Field(64, ge=1)
+
+    def settings(self) -> DecodeSettings:
+        return DecodeSettings.from_mapping(self.model_dump())
+
+
+class ServeLimits(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_tokens: int = Field(256, ge=1)
+    max_k: int = Field(8, ge=1)
+    max_n: int = Field(8, ge=1)
+    max_prompt_tokens: int = Field(1024, ge=1)
+
+
 SAMPLER_CHOICES = ("auto", "none", "untrained")
 
 
@@ -65,13 +86,17 @@ def sampler_candidates(backbone_dir: Path) -> list[Path]:
 class Row:
     sent: str = ""  # text already streamed
     finished: bool = False
+    decoded: int = 0  # tokens decoded (EOS-filled positions are not decoded)
+    passes: int = 0  # full passes in which this row decoded a token
 
 
 @dataclass(eq=False)  # identity: a job is one request
 class Job:
     id: str
     prompts: list[list[int]]  # one token-id row per choice
-    settings: dict[str, Any]  # generate() keyword arguments (gen_length, mode, k, ...)
+    settings: DecodeSettings
+    gen_length: int
+    seed: int | None
     stop: list[str]
     stream: bool
     key: tuple
@@ -99,7 +124,8 @@ class Engine:
 
     def __init__(self, backbone: str | None = None, sampler: str | None = "auto", *,
                  model_name: str | None = None, device: str = "auto", dtype: str | None = None,
-                 defaults: dict[str, Any] | None = None, limits: dict[str, int] | None = None,
+                 defaults: dict[str, Any] | ServeDefaults | None = None,
+                 limits: dict[str, int] | ServeLimits | None = None,
                  max_batch_size: int = 16, batch_wait_s: float = 0.01, torch_threads: int | None = None):
         from sampler import JointSampler, load_backbone
 
@@ -133,8 +159,11 @@ class Engine:
             self.sampler = JointSampler.load(choice, self.backbone)  # refuses another backbone's sampler
             self.sampler_status = "loaded"
         self.model_name = model_name or self.backbone.name
-        self.defaults = {**DEFAULTS, **(defaults or {})}
-        self.limits = {**LIMITS, **(limits or {})}
+        self.defaults = ServeDefaults.model_validate(defaults or {})
+        self.limits = ServeLimits.model_validate(limits or {})
+        if self.defaults.k > self.limits.max_k or self.defaults.max_tokens > self.limits.max_tokens:
+            raise ValueError(f"defaults k={self.defaults.k} / max_tokens={self.defaults.max_tokens} are over "
+                             f"the limits max_k={self.limits.max_k} / max_tokens={self.limits.max_tokens}")
         self.max_batch_size = int(max_batch_size)
         self.batch_wait_s = float(batch_wait_s)
         self.created = int(time.time())
@@ -160,7 +189,7 @@ class Engine:
         b = self.backbone
         return {"model": self.model_name, "created": self.created, "sampler": self.sampler_status,
                 "backbone_identity": b.identity, "max_seq_len": b.args.max_seq_len,
-                "defaults": self.effective_defaults(), "limits": dict(self.limits),
+                "defaults": self.effective_defaults().model_dump(), "limits": self.limits.model_dump(),
                 "max_batch_size": self.max_batch_size, "device": str(b.device)}
 
     def pid(self) -> int:
@@ -174,11 +203,11 @@ class Engine:
                 "running": sum(len(lane.jobs()) for lane in lanes), "lanes": len(lanes),
                 "pid": os.getpid(), "replica": self.replica_id()}
 
-    def effective_defaults(self) -> dict[str, Any]:
-        d = dict(self.defaults)
-        if d["mode"] == "joint" and self.sampler is None:
-            d["mode"] = "exact"  # the configured default needs a sampler; an explicit request gets a 400
-        return d
+    def effective_defaults(self) -> ServeDefaults:
+        if self.defaults.mode == "joint" and self.sampler is None:
+            # the configured default needs a sampler; an explicit request for joint gets a 400
+            return self.defaults.model_copy(update={"mode": "exact", "k": 1, "threshold": None})
+        return self.defaults
 
     # ---- request -> job ------------------------------------------------------------------------------
 
@@ -214,54 +243,41 @@ class Engine:
     def prepare(self, request: dict[str, Any], loop: asyncio.AbstractEventLoop) -> Job:
         """Validate a request against the served model and the limits; raise ApiError naming the field."""
         d = {k: v for k, v in request["decoding"].items() if v is not None}
-        eff = self.effective_defaults()
-        lim = self.limits
-        mode = d.get("mode", eff["mode"])
-        if mode == "joint" and self.sampler is None:
+        eff, lim = self.effective_defaults(), self.limits
+        merged = {**eff.model_dump(), **d}
+        if d.get("mode") == "exact" and "threshold" not in d:
+            merged["threshold"] = None  # a default threshold does not apply to exact decoding
+        try:
+            settings = DecodeSettings.from_mapping(merged)
+        except ValidationError as e:
+            raise validation_error(e) from None
+        if settings.mode == "joint" and self.sampler is None:
             raise ApiError(400, "mode: 'joint' needs a joint sampler and this server has none loaded "
                                 "(use mode 'exact' or 'marginal')", param="mode", code="no_sampler")
-        k = int(d.get("k", eff["k"] if mode != "exact" else 1))
-        if k > lim["max_k"]:
-            raise ApiError(400, f"k: {k} tokens per full pass is over this server's maximum of "
-                                f"{lim['max_k']}",
-                           param="k", code="invalid_value")
-        if mode == "exact":
-            k = 1
-        max_tokens = int(d.get("max_tokens", eff["max_tokens"]))
-        if max_tokens > lim["max_tokens"]:
-            raise ApiError(400, f"max_tokens: {max_tokens} is over this server's limit of "
-                                f"{lim['max_tokens']}",
-                           param="max_tokens", code="invalid_value")
-        n = int(d.get("n", 1))
-        if n > lim["max_n"]:
-            raise ApiError(400, f"n: {n} is over this server's limit of {lim['max_n']}", param="n",
-                           code="invalid_value")
+        max_tokens, n = int(merged["max_tokens"]), int(d.get("n", 1))
+        for name, value, limit in (("k", settings.k, lim.max_k), ("max_tokens", max_tokens, lim.max_tokens),
+                                   ("n", n, lim.max_n)):
+            if value > limit:
+                raise ApiError(400, f"{name}: {value} is over this server's limit (maximum {limit})",
+                               param=name, code="invalid_value")
         prompts, field_name = self.encode(request)
         if len(prompts) * n > self.max_batch_size:
             raise ApiError(400, f"{field_name}: {len(prompts)} prompt(s) x n={n} is over the batch size "
                                 f"of {self.max_batch_size}", param=field_name, code="invalid_value")
         longest = max(len(p) for p in prompts)
         ctx = self.backbone.args.max_seq_len
-        if longest > lim["max_prompt_tokens"]:
+        if longest > lim.max_prompt_tokens:
             raise ApiError(400, f"{field_name}: {longest} tokens is over this server's prompt limit of "
-                                f"{lim['max_prompt_tokens']}", param=field_name,
-                           code="context_length_exceeded")
+                                f"{lim.max_prompt_tokens}", param=field_name, code="context_length_exceeded")
         if longest + max_tokens > ctx:
             raise ApiError(400, f"{field_name}: {longest} prompt tokens + max_tokens {max_tokens} exceed the "
                                 f"model's context of {ctx}", param=field_name, code="context_length_exceeded")
-        settings = {"gen_length": max_tokens, "mode": mode, "k": k,
-                    "temperature": float(d.get("temperature", eff["temperature"])),
-                    "top_p": float(d.get("top_p", eff["top_p"])), "policy": d.get("policy", eff["policy"]),
-                    "block_length": d.get("block_length", eff["block_length"]),
-                    "stop_at_eos": bool(d.get("stop_at_eos", eff["stop_at_eos"]))}
         seed = d.get("seed")
-        # rows of any gen length share full passes; everything else that shapes a step must match
-        key = tuple(settings[f] for f in sorted(settings) if f != "gen_length") + (
-            ("seed", seed, uuid.uuid4().hex) if seed is not None else ("shared",))
-        if seed is not None:
-            settings["seed"] = int(seed)
+        # rows of any gen length share full passes; the settings must match, and a seeded request is alone
+        key = (settings, ("seed", int(seed), uuid.uuid4().hex) if seed is not None else ("shared",))
         rows = [p for p in prompts for _ in range(n)]
-        return Job(id=uuid.uuid4().hex[:12], prompts=rows, settings=settings, stop=d.get("stop") or [],
+        return Job(id=uuid.uuid4().hex[:12], prompts=rows, settings=settings, gen_length=max_tokens,
+                   seed=None if seed is None else int(seed), stop=d.get("stop") or [],
                    stream=bool(request.get("stream")), key=key, loop=loop, rows=[Row() for _ in rows])
 
     # ---- the request method (a streaming method: the ingress calls it with stream=True) -----------------
@@ -302,7 +318,7 @@ class Engine:
                 if not job.cancelled:
                     lane = self._lanes.get(job.key)
                     if lane is None:
-                        lane = self._lanes[job.key] = Lane(self, job.settings)
+                        lane = self._lanes[job.key] = Lane(self, job.settings, job.seed)
                     lane.pending.append(job)
             for key in [k for k, lane in self._lanes.items() if lane.idle()]:
                 del self._lanes[key]
@@ -352,7 +368,7 @@ class Engine:
             job.max_batch_requests = max(job.max_batch_requests, n_jobs)
             job.max_batch_rows = max(job.max_batch_rows, n_rows)
             job.shared_passes += n_jobs > 1
-        eos = self.backbone.eos_id if lane.settings["stop_at_eos"] else None
+        eos = self.backbone.eos_id if lane.settings.stop_at_eos else None
         for job, r, ids, done in lane.rows_after_step():
             if done:
                 job.tokens[r] = ids
@@ -362,9 +378,9 @@ class Engine:
             if all(t is not None for t in job.tokens):
                 self._finish(job, lane.settings)
 
-    def _finish(self, job: Job, settings: dict[str, Any]) -> None:
+    def _finish(self, job: Job, settings: DecodeSettings) -> None:
         done_at = time.perf_counter()
-        eos = self.backbone.eos_id if settings["stop_at_eos"] else None
+        eos = self.backbone.eos_id if settings.stop_at_eos else None
         choices, completion_tokens = [], 0
         for r, tokens in enumerate(job.tokens):
             n_tok = tokens.index(eos) if eos is not None and eos in tokens else len(tokens)
@@ -381,7 +397,10 @@ class Engine:
         self._stats["requests"] += 1
         self._stats["rows"] += len(job.prompts)
         prompt_tokens = sum(len(p) for p in job.prompts)
-        info = {"mode": settings["mode"], "k": settings["k"], "full_passes": job.full_passes,
+        rates = [row.decoded / row.passes for row in job.rows if row.passes]
+        info = {"mode": settings.mode, "k": settings.k, "threshold": settings.threshold,
+                "kv_cache": settings.kv_cache, "full_passes": job.full_passes,
+                "tokens_per_pass": round(sum(rates) / max(len(rates), 1), 4),
                 "sampler_passes": job.sampler_passes, "batch_requests": job.max_batch_requests,
                 "batch_rows": job.max_batch_rows, "shared_passes": job.shared_passes,
                 "queue_s": round(job.admitted - job.enqueued, 4),
@@ -418,15 +437,15 @@ BIG = 1 << 30  # block id of columns that are not generated
 class Lane:
     """Rows decoding with one set of settings, each right-aligned in a shared [rows, columns] batch:
     left padding, prompt, generated region. Rows join and leave between full passes; a step is one full
-    pass and up to k-1 sampler passes, the same algorithm as `sampler.generate` with the batch
-    changing between passes (DESIGN 1.2)."""
+    pass and its sampler passes, the same algorithm as `sampler.generate` (one `unmask_step`) with the
+    batch changing between passes (docs/method.md, "The decoding loop")."""
 
-    def __init__(self, engine: Engine, settings: dict[str, Any]):
+    def __init__(self, engine: Engine, settings: DecodeSettings, seed: int | None = None):
         self.engine = engine
         self.b = engine.backbone
         self.settings = settings
         dev = self.b.device
-        self.rng = torch.Generator(device=dev).manual_seed(int(settings.get("seed", secrets.randbits(31))))
+        self.rng = torch.Generator(device=dev).manual_seed(secrets.randbits(31) if seed is None else seed)
         self.pending: deque[Job] = deque()
         self.owners: list[tuple[Job, int, int]] = []  # per batch row: job, row index in the job, gen length
         self.x = torch.empty(0, 0, dtype=torch.long, device=dev)
@@ -454,22 +473,16 @@ class Lane:
                                    self.block_id], 1)
 
     def admit(self, job: Job) -> None:
-        G = job.settings["gen_length"]
-        need = max(len(p) for p in job.prompts) + G
-        self._pad_left(need - self.x.shape[1])
+        G = job.gen_length
+        self._pad_left(max(len(p) for p in job.prompts) + G - self.x.shape[1])
         L, dev = self.x.shape[1], self.b.device
-        pad = self.b.pad_id if self.b.pad_id is not None else self.b.mask_id
-        block = self.settings["block_length"] or G
-        xs, attn, blocks = [], [], []
-        for r, p in enumerate(job.prompts):
-            n_pad = L - len(p) - G
-            xs.append(torch.tensor([pad] * n_pad + list(p) + [self.b.mask_id] * G, dtype=torch.long))
-            attn.append(torch.tensor([False] * n_pad + [True] * (len(p) + G)))
-            blocks.append(torch.cat([torch.full((L - G,), BIG, dtype=torch.long), torch.arange(G) // block]))
-            self.owners.append((job, r, G))
-        self.x = torch.cat([self.x, torch.stack(xs).to(dev)])
-        self.attn = torch.cat([self.attn, torch.stack(attn).to(dev)])
-        self.block_id = torch.cat([self.block_id, torch.stack(blocks).to(dev)])
+        x, attn = pack_rows(self.b, job.prompts, G, L)
+        blocks = torch.cat([torch.full((L - G,), BIG, dtype=torch.long, device=dev),
+                            torch.arange(G, device=dev) // (self.settings.block_length or G)])
+        self.owners += [(job, r, G) for r in range(len(job.prompts))]
+        self.x = torch.cat([self.x, x])
+        self.attn = torch.cat([self.attn, attn])
+        self.block_id = torch.cat([self.block_id, blocks.expand(len(job.prompts), -1)])
         self.ctx = None
 
     def _keep(self, keep: list[int]) -> None:
@@ -488,9 +501,8 @@ class Lane:
         self._keep([i for i, (job, _, _) in enumerate(self.owners) if not job.cancelled])
 
     def step(self) -> int:
-        """One full pass and its sampler passes for every row; returns the number of sampler passes."""
-        from sampler.decode import candidates, unmask_step
-
+        """One full pass and its sampler passes for every row; returns the number of sampler passes.
+        Each row's decoded tokens and passes are added to its job's `Row` (tokens per full pass)."""
         b, s, x = self.b, self.settings, self.x
         attn_mask = None if bool(self.attn.all()) else self.attn
         if self.ctx is None:
@@ -499,11 +511,13 @@ class Lane:
         cand, valid, _ = candidates((x == b.mask_id) & gen_cols, self.block_id)
         if cand.shape[1] == 0:
             return 0
-        _, sampler_passes = unmask_step(
-            b, x, cand, valid, ctx=self.ctx, attn_mask=attn_mask,
-            sampler=self.engine.sampler if s["mode"] == "joint" else None,
-            k=1 if s["mode"] == "exact" else s["k"], temperature=s["temperature"], top_p=s["top_p"],
-            policy=s["policy"], gen=self.rng, eos_region=gen_cols if s["stop_at_eos"] else None)
+        picks, sampler_passes = unmask_step(
+            b, x, cand, valid, ctx=self.ctx, attn_mask=attn_mask, settings=s, sampler=self.engine.sampler,
+            rng=self.rng, eos_region=gen_cols if s.stop_at_eos else None)
+        decoded = torch.stack([go for go, _ in picks]).sum(0).tolist() if picks else []
+        for (job, r, _), n in zip(self.owners, decoded, strict=True):
+            job.rows[r].decoded += n
+            job.rows[r].passes += n > 0
         return sampler_passes
 
     def rows_after_step(self) -> list[tuple[Job, int, list[int], bool]]:

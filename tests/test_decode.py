@@ -130,12 +130,16 @@ def test_bad_arguments_raise_clear_errors(toy, tmp_path):
     s = JointSampler.for_backbone(toy)
     cases = [
         (dict(mode="joint", k=2), "needs a sampler"),
-        (dict(mode="marginal", k=0), "k .* >= 1"),
+        (dict(mode="marginal", k=0), "k"),
         (dict(top_p=0.0), "top_p"),
         (dict(top_p=1.5), "top_p"),
         (dict(temperature=-0.1), "temperature"),
-        (dict(mode="fast"), "mode must be"),
-        (dict(policy="best"), "policy must be"),
+        (dict(mode="fast"), "mode"),
+        (dict(policy="best"), "policy"),
+        (dict(mode="marginal", k=4, threshold=-0.5), "threshold"),
+        (dict(mode="exact", threshold=0.9), "threshold"),
+        (dict(kv_cache="full"), "kv_cache"),
+        (dict(block_length=0), "block_length"),
         (dict(gen_length=toy.args.max_seq_len), "exceeds the context"),
     ]
     for kwargs, msg in cases:
@@ -177,3 +181,127 @@ def test_compiled_read_out_matches_eager(toy):
     for (lp, sc), (glp, gsc) in zip(want, got, strict=True):
         assert torch.allclose(lp, glp, atol=1e-4) and torch.allclose(sc, gsc, atol=1e-4)
     assert fused.tokens == eager.tokens and fused.order == eager.order
+
+
+def test_settings_validate_once_and_name_the_field():
+    from pydantic import ValidationError
+
+    from sampler.settings import DecodeSettings
+
+    assert DecodeSettings(mode="exact", k=4).k == 1  # k means nothing in exact mode
+    s = DecodeSettings(mode="joint", k=4, threshold=0.9)
+    assert s.replace(k=2).k == 2 and s.k == 4  # frozen: replace makes a validated copy
+    with pytest.raises(ValidationError, match="top_p"):
+        DecodeSettings(top_p=1.5)
+    with pytest.raises(ValidationError, match="unknown_field"):
+        DecodeSettings(unknown_field=1)
+    with pytest.raises(ValidationError, match="frozen"):
+        s.k = 3
+
+
+def sharpened(toy, scale: float):
+    """The toy backbone with its LM head scaled: confident at some positions, not at others."""
+    head = nn.Linear(toy.model.lm_head.in_features, toy.model.lm_head.out_features, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(toy.model.lm_head.weight * scale)
+    return head
+
+
+def naive_threshold(bb, prompt: list[int], gen_length: int, tau: float, k: int) -> tuple[list[int], list[int]]:
+    """Fast-dLLM's rule written out for one row, greedy: every masked position whose top probability is
+    >= tau, and the lowest-entropy one in any case, at most k (the lowest-entropy ones first)."""
+    x = torch.tensor([prompt + [bb.mask_id] * gen_length])
+    order = []
+    while (x[0] == bb.mask_id).any():
+        with torch.no_grad():
+            logits = bb(x)[1][0].float()
+        logits[:, bb.mask_id] = float("-inf")
+        p = torch.softmax(logits, -1)
+        ent = -(p * torch.log(p.clamp_min(1e-30))).sum(-1)
+        masked = [i for i in range(len(prompt), x.shape[1]) if x[0, i] == bb.mask_id]
+        best = min(masked, key=lambda i: ent[i].item())
+        take = sorted({best} | {i for i in masked if p[i].max() >= tau}, key=lambda i: ent[i].item())[:k]
+        for i in take:
+            x[0, i] = logits[i].argmax()
+            order.append(i - len(prompt))
+    return x[0, len(prompt):].tolist(), order
+
+
+def test_threshold_decoding_is_fast_dllms_rule(toy):
+    prompts = encode_prompts(toy, ["The quick brown", "San", "To be"])
+    old = toy.model.lm_head
+    toy.model.lm_head = sharpened(toy, 6.0)
+    try:
+        r = generate(toy, prompts, mode="marginal", k=8, threshold=0.7, gen_length=12, temperature=0)
+        for b, p in enumerate(prompts):
+            tokens, order = naive_threshold(toy, p, 12, 0.7, 8)
+            assert r.tokens[b] == tokens and sorted(r.order[b]) == sorted(order)
+    finally:
+        toy.model.lm_head = old
+    assert 1.0 < r.tokens_per_pass < 8.0  # some passes take several tokens, none takes all
+
+
+def test_threshold_above_one_is_exact_and_zero_is_fixed_k(toy):
+    prompts = encode_prompts(toy, ["A journey of", "To be, or not", "Name"])
+    for temperature in (0.0, 1.0):
+        exact = generate(toy, prompts, mode="exact", gen_length=10, temperature=temperature, seed=4)
+        above = generate(toy, prompts, mode="marginal", k=4, threshold=1.01, gen_length=10,
+                         temperature=temperature, seed=4)
+        assert above.tokens == exact.tokens and above.order == exact.order
+        assert above.full_passes == exact.full_passes
+        fixed = generate(toy, prompts, mode="marginal", k=4, gen_length=10, temperature=temperature, seed=4)
+        zero = generate(toy, prompts, mode="marginal", k=4, threshold=0.0, gen_length=10,
+                        temperature=temperature, seed=4)
+        assert zero.tokens == fixed.tokens and zero.order == fixed.order and zero.full_passes == 3
+
+
+def test_joint_threshold_with_oracle_sampler_is_exact(toy):
+    prompts = encode_prompts(toy, ["A journey of", "To be, or not", "Name"])
+    exact = generate(toy, prompts, mode="exact", gen_length=12, temperature=0)
+    hybrid = generate(toy, prompts, sampler=OracleSampler(toy), mode="joint", k=4, threshold=1.5,
+                      gen_length=12, temperature=0)
+    assert hybrid.tokens == exact.tokens and hybrid.order == exact.order
+    assert hybrid.full_passes == 3 and hybrid.sampler_passes == 9
+
+
+def test_joint_threshold_takes_sure_tokens_without_sampler_passes(toy):
+    """Sure positions come from the full pass; the sampler only runs for rows that still take a token."""
+    prompts = encode_prompts(toy, ["The quick brown", "San", "To be"])
+    s = JointSampler.for_backbone(toy, seed=0)
+    old = toy.model.lm_head
+    toy.model.lm_head = sharpened(toy, 6.0)
+    try:
+        fixed = generate(toy, prompts, sampler=s, mode="joint", k=4, gen_length=12, temperature=0)
+        hybrid = generate(toy, prompts, sampler=s, mode="joint", k=4, threshold=0.7, gen_length=12,
+                          temperature=0)
+    finally:
+        toy.model.lm_head = old
+    for order in hybrid.order:
+        assert sorted(order) == list(range(12))
+    assert hybrid.full_passes == fixed.full_passes == 3  # k tokens per pass either way
+    assert hybrid.sampler_passes < fixed.sampler_passes  # the sure ones needed no sampler pass
+
+
+@pytest.mark.parametrize("mode,threshold", [("marginal", 0.5), ("joint", 0.5), ("joint", None)])
+def test_rows_stop_independently(toy, mode, threshold):
+    """With EOS and thresholds rows finish after different numbers of passes: batched = each row alone."""
+    prompts = encode_prompts(toy, ["The quick brown", "San", "To be, or not to be"])
+    s = JointSampler.for_backbone(toy, seed=0)
+    with torch.no_grad():
+        s.norm_out.weight.fill_(0.5)  # a sampler that changes the distributions
+    old = toy.model.lm_head
+    head = sharpened(toy, 1.5)
+    head.bias = nn.Parameter(torch.zeros(head.out_features))
+    with torch.no_grad():
+        head.bias[toy.eos_id] = 8.0  # EOS likely but not certain: rows end at different passes
+    toy.model.lm_head = head
+    kw = dict(sampler=s, mode=mode, k=4, threshold=threshold, gen_length=12, temperature=0,
+              stop_at_eos=True)
+    try:
+        batch = generate(toy, prompts, **kw)
+        alone = [generate(toy, [p], **kw) for p in prompts]
+    finally:
+        toy.model.lm_head = old
+    for b, one in enumerate(alone):
+        assert batch.tokens[b] == one.tokens[0] and batch.order[b] == one.order[0]
+    assert len({len(o) for o in batch.order}) > 1  # the rows really did stop at different points

@@ -10,9 +10,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ray_jobs.teacher import load_prompts
 from sampler.backbone import DEFAULT_BACKBONE, DEFAULT_JUDGE, load_backbone
-from sampler.embedded import LANGUAGE_PROMPTS, TASK_GEN_LENGTH, TASK_PROMPTS, answer_text, load_prompts
-from sampler.tasks import TASKS, validate
+from sampler.embedded.acceptance import (
+    LANGUAGE_PROMPTS,
+    PROMPT_SEED,
+    TASK_GEN_LENGTH,
+    TASK_PROMPTS,
+    answer_texts,
+)
+from sampler.embedded.tasks import TASKS, make_task_examples, validate
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +92,7 @@ def test_judge_matches_transformers_qwen2(judge):
 
 def test_judge_prefers_real_text(judge):
     """NLL of held-out fortunes is far below that of the same tokens shuffled."""
-    recs = [r["reference"] for r in load_prompts(LANGUAGE_PROMPTS)[:16]]
+    recs = load_prompts(LANGUAGE_PROMPTS, "reference")[0][:16]
     rng = random.Random(0)
     real, shuf = [], []
     for r in recs:
@@ -114,22 +121,47 @@ def test_exact_decoding_answers_tasks(bb):
     """A small, seeded version of the acceptance check: exact decoding answers the tasks."""
     from sampler.decode import generate
 
-    examples = [ex for ex in load_prompts(TASK_PROMPTS)][:30]
+    examples = make_task_examples(30, seed=PROMPT_SEED)  # the first 30 of the prompt file
     prompts = [bb.tokenizer(ex["prompt"])["input_ids"] for ex in examples]
     r = generate(bb, prompts, mode="exact", gen_length=TASK_GEN_LENGTH, seed=0)
-    answers = [answer_text(bb.tokenizer, t, bb.eos_id) for t in r.tokens]
+    answers = answer_texts(bb, r.tokens)
     ok = [validate(ex, a) for ex, a in zip(examples, answers, strict=True)]
     assert sum(ok) >= 0.8 * len(ok), list(zip(answers, ok, strict=True))
 
 
 def test_prompt_files():
-    lang = load_prompts(LANGUAGE_PROMPTS)
-    assert len(lang) >= 100 and all(r["prompt"] and r["reference"].startswith(r["prompt"]) for r in lang)
-    tasks = load_prompts(TASK_PROMPTS)
+    """The shipped files are what `jointgen pretrain prompts` writes, and what the jobs' reader reads."""
+    lang, _ = load_prompts(LANGUAGE_PROMPTS, "prompt")
+    refs, _ = load_prompts(LANGUAGE_PROMPTS, "reference")
+    assert len(lang) >= 100 and all(p and r.startswith(p) for p, r in zip(lang, refs, strict=True))
+    texts, ids = load_prompts(TASK_PROMPTS, "prompt")
+    tasks = [json.loads(line) for line in TASK_PROMPTS.read_text().splitlines()]
+    examples = make_task_examples(len(tasks), seed=PROMPT_SEED)
+    assert tasks == [{"id": f"task-{i:04d}", **ex} for i, ex in enumerate(examples)]
+    assert texts == [t["prompt"] for t in tasks] and ids == [t["id"] for t in tasks]
     assert {r["task"] for r in tasks} == set(TASKS)
     rng = random.Random(0)
     for ex in tasks:
         assert validate(ex, TASKS[ex["task"]].reference_answer(ex, rng))
+
+
+def test_acceptance_check_through_jointgen_pretrain(tmp_path):
+    """`jointgen pretrain check`, small: both modes, validity per task, judge NLL of language samples."""
+    from sampler.embedded.pretrain import main
+
+    out = tmp_path / "check.json"
+    main(["check", "--n-task", "6", "--n-lang", "4", "--batch", "6", "--show", "3", "--threads", "1",
+          "--out", str(out)])
+    rep = json.loads(out.read_text())
+    assert set(rep["tasks"]) == set(rep["language"]) == {"exact_k1", "marginal_k4"}
+    examples = make_task_examples(3, seed=1)  # the check's --seed
+    for v in rep["tasks"].values():
+        assert v["all"]["n"] == 6 and all(v[t]["n"] == 2 for t in TASKS)
+        assert [(s["prompt"], s["valid"]) for s in v["samples"]] == [
+            (ex["prompt"], validate(ex, s["answer"])) for ex, s in zip(examples, v["samples"], strict=True)]
+    assert rep["tasks"]["exact_k1"]["all"]["mean"] >= 0.5
+    for v in rep["language"].values():
+        assert v["judge_nll_per_token"]["n"] == 4 and 0 < v["judge_nll_per_token"]["mean"] < 20
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,7 +170,7 @@ def test_prompt_files():
 
 
 def test_corpus_reader(tmp_path):
-    from sampler.corpus import load_corpus, normalise, read_records, split_of
+    from sampler.embedded.corpus import load_corpus, normalise, read_records, split_of
 
     assert normalise("  Hello,\n\tw_\x08orld  ") == "Hello, world"
     (tmp_path / "wisdom").write_text("First   record here,\nwith two lines.\n%\n"
@@ -161,7 +193,7 @@ FAKE = [f"Record number {i} says that the {w} is {c}." for i in range(60)
 
 @pytest.fixture()
 def fake_corpus(monkeypatch):
-    import sampler.pretrain as pt
+    import sampler.embedded.pretrain as pt
 
     monkeypatch.setattr(pt, "load_corpus", lambda: {"train": FAKE[:100], "val": FAKE[100:]})
     return pt

@@ -4,22 +4,17 @@ and the plots carry the right rows; a rerun resumes from the samples on disk; ba
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
-import ray  # noqa: E402
-
-from ray_jobs.evaluate import DEFAULTS, main, run_evaluate, verdict  # noqa: E402
-from sampler import JointSampler, ModelArgs, Transformer, load_backbone, save_backbone  # noqa: E402
-from sampler.backbone import load_tokenizer  # noqa: E402
-from sampler.tasks import make_task_examples  # noqa: E402
-from sampler.toy import make_toy_backbone  # noqa: E402
+from ray_jobs.evaluate import DEFAULTS, main, run_evaluate, verdict
+from sampler import JointSampler, ModelArgs, Transformer, load_backbone, save_backbone
+from sampler.backbone import load_tokenizer
+from sampler.embedded.tasks import make_task_examples
+from sampler.testing import make_toy_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.ray
@@ -46,13 +41,6 @@ def assets(tmp_path_factory) -> dict[str, Path]:
                  "positions": 100} for k in (1, 2, 3)}}))
     return {"backbone": bb, "sampler": d / "sampler", "judge": d / "judge", "tasks": tasks,
             "summary": summary}
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def small(assets: dict, out: Path, **kw) -> dict:

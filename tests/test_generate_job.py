@@ -16,13 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
-import ray  # noqa: E402
-
-from ray_jobs.generate import DEFAULTS, main, read_outputs, run_generate, scan_outputs  # noqa: E402
-from sampler import JointSampler, generate, load_backbone  # noqa: E402
-from sampler.toy import make_toy_backbone  # noqa: E402
+from ray_jobs.generate import DEFAULTS, main, read_outputs, run_generate, scan_outputs
+from sampler import JointSampler, generate, load_backbone
+from sampler.testing import make_toy_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.ray
@@ -34,13 +30,6 @@ def toy(tmp_path_factory) -> tuple[Path, Path]:
     bb = make_toy_backbone(d / "backbone")
     JointSampler.for_backbone(load_backbone(bb), seed=0).save(d / "sampler")
     return bb, d / "sampler"
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
 
 
 def write_jsonl(path: Path, lines: list[str]) -> Path:

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from sampler import ModelArgs, Transformer, encode_prompts, generate, load_backbone, metrics, save_backbone
-from sampler.backbone import load_tokenizer
-from sampler.toy import make_toy_backbone
+from sampler import encode_prompts, generate, load_backbone, metrics
+from sampler.testing import make_toy_backbone, make_toy_judge
 
 
 @pytest.fixture(scope="module")
@@ -19,13 +18,8 @@ def toy_pair(tmp_path_factory):
     """A toy masked diffusion backbone and a toy causal judge sharing its tokenizer (qwen2 layout)."""
     d = tmp_path_factory.mktemp("metrics")
     bb = make_toy_backbone(d / "backbone")
-    b = load_backbone(bb)
-    torch.manual_seed(3)
-    judge = Transformer(ModelArgs(vocab_size=b.args.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                                  intermediate_size=128, causal=True, max_seq_len=256))
-    save_backbone(judge, d / "judge", layout="qwen2", mask_id=None, bos_id=b.bos_id, eos_id=b.eos_id,
-                  pad_id=b.pad_id, tokenizer=load_tokenizer(bb), dtype=torch.float32)
-    return b, load_backbone(d / "judge", require_mask=False), d / "judge"
+    judge = make_toy_judge(d / "judge", bb)
+    return load_backbone(bb), load_backbone(judge, require_mask=False), judge
 
 
 def test_mean_se_and_gap_recovered():
@@ -138,13 +132,8 @@ def test_vllm_judge_agrees_with_the_torch_path(tmp_path):
     judge_dir = DEFAULT_JUDGE
     if not (judge_dir / "config.json").exists():
         bb = make_toy_backbone(tmp_path / "backbone")
-        b = load_backbone(bb)
-        torch.manual_seed(5)  # head_dim 64: vLLM's CPU attention rejects 16
-        judge = Transformer(ModelArgs(vocab_size=b.args.vocab_size, dim=128, n_layers=2, n_heads=2,
-                                      n_kv_heads=2, intermediate_size=256, causal=True, max_seq_len=256))
-        judge_dir = save_backbone(judge, tmp_path / "judge", layout="qwen2", mask_id=None, bos_id=b.bos_id,
-                                  eos_id=b.eos_id, pad_id=b.pad_id, tokenizer=load_tokenizer(bb),
-                                  dtype=torch.float32)
+        # head_dim 64: vLLM's CPU attention rejects 16
+        judge_dir = make_toy_judge(tmp_path / "judge", bb, dim=128, n_heads=2, n_kv_heads=2, seed=5)
     ours = load_backbone(judge_dir, dtype=torch.float32, require_mask=False)
     rng = np.random.default_rng(0)
     V = ours.args.vocab_size

@@ -20,13 +20,11 @@ import httpx
 import openai
 import pytest
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
 from sampler import JointSampler, encode_prompts, generate, load_backbone  # noqa: E402
-from sampler.toy import make_toy_backbone  # noqa: E402
+from sampler.testing import make_toy_backbone  # noqa: E402
 from serve.app import AppArgs, api_key_hash, build, load_config, main  # noqa: E402
 from serve.generator import Engine  # noqa: E402
 
@@ -113,8 +111,9 @@ def test_builder_refuses_bad_config(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="JOINTGEN_API_KEY"):
         api_key_hash(AppArgs(require_api_key=True))
     monkeypatch.setenv("JOINTGEN_API_KEY", "s3cret")
-    assert api_key_hash(AppArgs()) == api_key_hash(AppArgs(api_key_env="JOINTGEN_API_KEY"))
-    assert api_key_hash(AppArgs()) != "s3cret"  # replicas only ever see the hash
+    assert api_key_hash(AppArgs(api_key_env="JOINTGEN_NO_SUCH_KEY")) is None  # the named variable is read
+    # replicas only ever see the hash: sha256("s3cret")
+    assert api_key_hash(AppArgs()) == "1ec1c26b50d5d3c58d9583181af8076655fe00756bf7285940ba3670f99fcba0"
     assert main(["--backbone", str(tmp_path / "missing")]) == 2
 
 
@@ -136,18 +135,40 @@ def engine(toy):
 
 @pytest.mark.parametrize("decoding", [{"mode": "exact"}, {"mode": "joint", "k": 4},
                                       {"mode": "marginal", "k": 3, "block_length": 5},
-                                      {"mode": "joint", "k": 2, "stop_at_eos": True}])
+                                      {"mode": "joint", "k": 2, "stop_at_eos": True},
+                                      {"mode": "marginal", "k": 8, "threshold": 0.2},
+                                      {"mode": "joint", "k": 4, "threshold": 0.2, "stop_at_eos": True}])
 def test_engine_matches_sampler_generate(engine, toy, decoding):
     decoding = {"temperature": 0.0, "max_tokens": 20, "stop_at_eos": False, **decoding}
     events = asyncio.run(_collect(engine, "The quick brown", **decoding))
     assert [e["event"] for e in events] == ["accepted", "done"]
+    fields = {f: v for f, v in decoding.items() if f != "max_tokens"}
     ref = generate(toy["bb"], encode_prompts(toy["bb"], ["The quick brown"]), sampler=engine.sampler,
-                   mode=decoding["mode"], k=decoding.get("k", 1), gen_length=20, temperature=0.0,
-                   block_length=decoding.get("block_length"), stop_at_eos=decoding["stop_at_eos"])
+                   gen_length=20, **fields)
     done = events[-1]
     assert done["choices"][0]["text"] == ref.text[0]
     assert done["info"]["full_passes"] == ref.full_passes
     assert done["info"]["sampler_passes"] == ref.sampler_passes
+    assert done["info"]["tokens_per_pass"] == pytest.approx(ref.tokens_per_pass, abs=1e-3)
+
+
+def test_engine_batches_rows_with_different_tokens_per_pass(engine, toy):
+    """Threshold decoding takes a different number of tokens per pass in each row: rows of one lane
+    still give what each gives alone."""
+    decoding = {"mode": "marginal", "k": 8, "threshold": 0.2, "temperature": 0.0, "stop_at_eos": False}
+    prompts = ["The quick brown", "San", "To be, or not to be"]
+
+    async def run():
+        return await asyncio.gather(*[_collect(engine, p, max_tokens=16, **decoding) for p in prompts])
+
+    results = asyncio.run(run())
+    rates = set()
+    for events, prompt in zip(results, prompts, strict=True):
+        ref = generate(toy["bb"], encode_prompts(toy["bb"], [prompt]), gen_length=16, **decoding)
+        assert events[-1]["choices"][0]["text"] == ref.text[0]
+        rates.add(events[-1]["info"]["tokens_per_pass"])
+    assert max(r[-1]["info"]["batch_requests"] for r in results) > 1  # they did share passes
+    assert len(rates) > 1
 
 
 def test_engine_late_request_joins_a_running_one(engine, toy):
@@ -283,6 +304,10 @@ BAD = [
     ("/v1/completions", {"prompt": "x", "temperature": 2.5}, 400, "temperature", "less than"),
     ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p", "greater than"),
     ("/v1/completions", {"prompt": "x", "n": 9}, 400, "n", "limit"),
+    ("/v1/completions", {"prompt": "x", "mode": "marginal", "threshold": -0.5}, 400, "threshold", "greater"),
+    ("/v1/completions", {"prompt": "x", "mode": "exact", "threshold": 0.9}, 400, "threshold", "exact"),
+    ("/v1/completions", {"prompt": "x", "kv_cache": "full"}, 400, "kv_cache", "prefix"),
+    ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature", "greater"),
     ("/v1/completions", {"prompt": "x", "stream": True, "k": 9}, 400, "k", "maximum"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, "messages.0.content", ""),
     ("/v1/chat/completions", {"messages": []}, 400, "messages", "at least 1"),

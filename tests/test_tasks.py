@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from sampler.tasks import CATEGORIES, CITIES, TASKS, make_task_examples, task_training_pair, validate
+from sampler.embedded.tasks import CATEGORIES, CITIES, TASKS, make_task_examples, task_training_pair, validate
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))

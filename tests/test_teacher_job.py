@@ -13,14 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
-import ray  # noqa: E402
-
-from ray_jobs.common import manifest_shards, read_manifest, sha256_file  # noqa: E402
-from ray_jobs.teacher import DEFAULTS, main, run_teacher, shard_name  # noqa: E402
-from sampler import ShardError, encode_prompts, generate, load_backbone, read_trajectories  # noqa: E402
-from sampler.schema import write_trajectories  # noqa: E402
+from ray_jobs.common import manifest_shards, read_manifest, sha256_file
+from ray_jobs.teacher import DEFAULTS, main, run_teacher, shard_name
+from sampler import ShardError, encode_prompts, generate, load_backbone, read_trajectories
+from sampler.schema import write_trajectories
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.ray
@@ -30,16 +26,6 @@ pytestmark = pytest.mark.ray
 def toy(toy_dir) -> Path:
     """The checkpoint directory (conftest's `toy` is the loaded backbone)."""
     return toy_dir
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
 
 
 def small(toy: Path, out: Path, **kw) -> dict:

@@ -4,35 +4,20 @@ the marginal baseline's, checkpoints, resume from the saved step, a killed worke
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
-import ray  # noqa: E402
-
-from ray_jobs.common import read_manifest  # noqa: E402
-from ray_jobs.teacher import run_teacher, shard_name  # noqa: E402
-from ray_jobs.train import DEFAULTS, is_heldout, main, run_train  # noqa: E402
-from sampler import JointSampler, ShardError, load_backbone  # noqa: E402
-from sampler.toy import make_toy_backbone  # noqa: E402
+from ray_jobs.common import read_manifest
+from ray_jobs.teacher import run_teacher, shard_name
+from ray_jobs.train import DEFAULTS, is_heldout, main, run_train
+from sampler import JointSampler, ShardError, load_backbone
+from sampler.testing import make_toy_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.ray
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")

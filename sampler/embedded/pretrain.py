@@ -1,10 +1,12 @@
 """Pretrain the embedded default backbone (a masked diffusion LM, Dream layout) and its autoregressive
 judge (causal Qwen2 layout) on this machine's CPU. Resumable, time-budgeted, deterministic.
 
-    python -m sampler.pretrain backbone --minutes 80   # masked diffusion LM -> sampler/assets/backbone
-    python -m sampler.pretrain judge --minutes 20      # causal LM, same tokenizer -> sampler/assets/judge
-    python -m sampler.pretrain prompts                 # held-out prompt files (sampler/assets/prompts)
-    python -m sampler.pretrain check                   # acceptance check of the shipped checkpoints
+    jointgen pretrain backbone --minutes 80   # masked diffusion LM -> sampler/assets/backbone
+    jointgen pretrain judge --minutes 20      # causal LM, same tokenizer -> sampler/assets/judge
+    jointgen pretrain prompts                 # held-out prompt files (sampler/assets/prompts)
+    jointgen pretrain check                   # acceptance check of the shipped checkpoints
+
+(`python -m sampler.embedded.pretrain ...` is the same.)
 
 Backbone objective (LLaDA / MDLM): per row t ~ U(eps, 1), each maskable token is replaced by [MASK]
 with probability t, loss = sum over masked tokens of CE / t, divided by the number of maskable
@@ -37,10 +39,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sampler.backbone import DEFAULT_BACKBONE, DEFAULT_JUDGE, load_tokenizer, save_backbone
-from sampler.corpus import load_corpus
+from sampler.embedded.corpus import load_corpus
+from sampler.embedded.tasks import TASKS, task_training_pair
+from sampler.embedded.tokenizer import BOS
 from sampler.model import ModelArgs, Transformer
-from sampler.tasks import TASKS, task_training_pair
-from sampler.tokenizer import BOS
 
 # the embedded model has no chat roles: a chat is the concatenation of its messages after BOS,
 # so a chat request carrying a task prompt reads exactly like the raw prompt
@@ -94,7 +96,7 @@ def build_tokenizer(texts: list[str], vocab: int):
     every caller that tokenizes a prompt gets the BOS the model was trained to see at position 0."""
     from tokenizers import processors
 
-    from sampler.tokenizer import train_bpe_tokenizer
+    from sampler.embedded.tokenizer import train_bpe_tokenizer
 
     tok = train_bpe_tokenizer(texts, vocab, chat_template=CHAT_TEMPLATE)
     bos_id = tok.convert_tokens_to_ids(BOS)
@@ -299,7 +301,7 @@ def export(cfg: Config, model: Transformer, tok, step: int) -> None:
     shutil.rmtree(old, ignore_errors=True)
     a = model.args
     extra = {"embedded_pretrain": {"step": step, "seq_len": cfg.seq_len, "task_len": cfg.task_len,
-                                   "seed": cfg.seed, "corpus": "debian fortunes + sampler.tasks"}}
+                                   "seed": cfg.seed, "corpus": "debian fortunes + sampler.embedded.tasks"}}
     if cfg.causal:
         save_backbone(model, tmp, layout="qwen2", mask_id=None, bos_id=tok.bos_token_id,
                       eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, tokenizer=tok,
@@ -437,7 +439,7 @@ def train(cfg: Config) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
-    p = argparse.ArgumentParser(prog="python -m sampler.pretrain", description=__doc__,
+    p = argparse.ArgumentParser(prog="jointgen pretrain", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("kind", choices=["backbone", "judge"])
     p.add_argument("--run-dir", type=Path, default=None,
@@ -503,11 +505,11 @@ def _weights(spec: str) -> dict[str, float] | None:
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "prompts":
-        from sampler.embedded import write_prompt_files
+        from sampler.embedded.acceptance import write_prompt_files
 
         write_prompt_files()
     elif argv and argv[0] == "check":
-        from sampler.embedded import main as check_main
+        from sampler.embedded.acceptance import main as check_main
 
         check_main(argv[1:])
     else:

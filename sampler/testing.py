@@ -1,4 +1,4 @@
-"""Small random checkpoints in real on-disk layouts, for tests and examples that must not wait for
+"""Small random checkpoints in real on-disk layouts, for tests and benchmarks that must not wait for
 the embedded backbone. They go through exactly the same loading code as a 7B checkpoint."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from sampler.backbone import save_backbone
+from sampler.backbone import load_tokenizer, save_backbone
+from sampler.embedded.tokenizer import train_bpe_tokenizer
 from sampler.model import ModelArgs, Transformer
-from sampler.tokenizer import train_bpe_tokenizer
 
 TOY_TEXT = [
     "The quick brown fox jumps over the lazy dog.",
@@ -40,3 +40,17 @@ def make_toy_backbone(path: str | Path, *, dim: int = 64, n_layers: int = 2, n_h
     return save_backbone(model, path, layout="dream", mask_id=tok.mask_token_id, bos_id=tok.bos_token_id,
                          eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, tokenizer=tok,
                          name=f"toy-dream-{dim}x{n_layers}", dtype=dtype)
+
+
+def make_toy_judge(path: str | Path, backbone_dir: str | Path, *, dim: int = 64, n_layers: int = 2,
+                   n_heads: int = 4, n_kv_heads: int = 2, seed: int = 3) -> Path:
+    """Write a random causal judge (Qwen2 layout) that shares the tokenizer of the toy backbone in
+    `backbone_dir`, as the embedded judge shares the embedded backbone's."""
+    tok = load_tokenizer(Path(backbone_dir))
+    torch.manual_seed(seed)
+    judge = Transformer(ModelArgs(vocab_size=len(tok), dim=dim, n_layers=n_layers, n_heads=n_heads,
+                                  n_kv_heads=n_kv_heads, intermediate_size=2 * dim, causal=True,
+                                  max_seq_len=256))
+    return save_backbone(judge, path, layout="qwen2", mask_id=None, bos_id=tok.bos_token_id,
+                         eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, tokenizer=tok,
+                         dtype=torch.float32)

@@ -1,0 +1,66 @@
+"""The decoding settings: one type, validated in one place.
+
+Every caller that chooses a decoding (`generate()`, the serving engine and its lanes, the teacher,
+generate and evaluate jobs, the HTTP API) builds a `DecodeSettings`; a bad value fails here with an
+error that names the field. Shapes that vary per row (prompt, gen_length) and the random seed are not
+settings: they are arguments of the call.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Mode = Literal["exact", "marginal", "joint"]
+Policy = Literal["entropy", "confidence", "margin", "random"]
+KVCache = Literal["none", "prefix", "dual"]
+MODES: tuple[str, ...] = get_args(Mode)
+POLICIES: tuple[str, ...] = get_args(Policy)
+KV_CACHES: tuple[str, ...] = get_args(KVCache)
+
+
+class DecodeSettings(BaseModel):
+    """How tokens are chosen at each full pass (docs/method.md, "The decoding loop").
+
+    mode: exact (one token per full pass), marginal (several from one pass's distributions) or joint
+        (the sampler updates the distributions after each token).
+    k: the most tokens per full pass (exact: always 1).
+    threshold: None = fixed k. Otherwise confidence-threshold decoding (Fast-dLLM's rule): every
+        candidate of the current block whose top probability is >= threshold is taken from the full
+        pass, and at least the best one; in joint mode the sampler then decides uncertain positions one
+        after another up to k tokens in all (docs/method.md, "Threshold and hybrid decoding").
+    kv_cache: none, or a block-wise approximate cache of keys and values (prefix: positions before the
+        current block are reused; dual: those after it too), refreshed at every new block.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    mode: Mode = "exact"
+    k: int = Field(1, ge=1)
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    policy: Policy = "entropy"
+    block_length: int | None = Field(None, ge=1)
+    stop_at_eos: bool = False
+    threshold: float | None = Field(None, ge=0.0)
+    kv_cache: KVCache = "none"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DecodeSettings:
+        if self.mode == "exact":
+            if self.threshold is not None:
+                raise ValueError("threshold: exact mode decodes one token per full pass; use mode "
+                                 "'marginal' (Fast-dLLM's rule) or 'joint' with a threshold")
+            if self.k != 1:
+                object.__setattr__(self, "k", 1)  # k means nothing in exact mode
+        return self
+
+    def replace(self, **changes: Any) -> DecodeSettings:
+        """A copy with some fields changed, validated again."""
+        return DecodeSettings(**{**self.model_dump(), **changes})
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any]) -> DecodeSettings:
+        """The settings among a larger mapping (a job config, a request): other keys are left out."""
+        return cls(**{f: values[f] for f in cls.model_fields if f in values})
