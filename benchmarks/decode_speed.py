@@ -1,7 +1,7 @@
 """Decoding speed: exact vs marginal vs joint at several k and batch sizes, measured in one run.
 
 For each batch size it prints tokens/s, full and sampler passes, the speed-up over exact and how
-close joint decoding comes to its ideal speed-up k / (1 + (k-1) c) (DESIGN 2.2), with two costs
+close joint decoding comes to its ideal speed-up k / (1 + (k-1) c) (docs/system.md), with two costs
 measured in the same run on the same input:
 
 - c       = one sampler forward / one backbone forward (the paper's definition: model compute only);
@@ -11,8 +11,15 @@ measured in the same run on the same input:
 "ideal" and "of ideal" use c (the strict figure); "of ideal(step)" uses c_step, so the gap between
 the two is the cost of reading out distributions, the rest is loop overhead.
 
+With --kv-cache the rows are each mode without a KV cache and with the prefix and dual caches
+(sampler.kvcache), block by block: tokens/s, the speed-up over exact without a cache and over the same
+mode without a cache, and c without and with each cache (a cached sampler step over a cached full pass,
+the current block in the middle of the generated region: a prefix pass's mean length over a decode).
+
     python benchmarks/decode_speed.py                          # embedded backbone, CPU
     python benchmarks/decode_speed.py --random-shapes dream-7b --gen-length 256   # GPU, bf16
+    python benchmarks/decode_speed.py --random-shapes dream-7b --kv-cache --prompt-length 256 \
+        --gen-length 256 --block-length 32 --ks 4                 # GPU: none / prefix / dual
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import torch
 from sampler import JointSampler, encode_prompts, generate, load_backbone
 from sampler.backbone import Backbone, Layout
 from sampler.decode import compile_read_out, read_out
+from sampler.kvcache import BlockKVCache
 from sampler.model import ModelArgs, Transformer
 
 # Dream-v0-Base-7B (Qwen2.5-7B shapes): no weights needed to measure speed
@@ -62,25 +70,77 @@ def time_it(fn, repeats: int, device: torch.device) -> float:
 
 @torch.inference_mode()
 def step_costs(bb: Backbone, s: JointSampler, batch: int, prompt_len: int, gen_length: int,
-               repeats: int) -> dict:
-    """Forward and per-iteration costs on one random input, candidates = half the generated region
-    (the mean over a decode)."""
+               repeats: int, block_length: int | None = None, kv_cache: str = "none") -> dict:
+    """Forward and per-iteration costs on one random input, candidates = half a block (the mean over a
+    decode). With a KV cache: the cached passes (after the refresh and the sampler's storing pass),
+    the current block in the middle of the generated region."""
     dev = bb.device
-    L = prompt_len + gen_length
+    L, block = prompt_len + gen_length, block_length or gen_length
     x = torch.randint(0, bb.args.vocab_size - 3, (batch, L), device=dev)
-    cand = torch.arange(prompt_len, prompt_len + max(1, gen_length // 2), device=dev).expand(batch, -1)
+    cand = torch.arange(prompt_len, prompt_len + max(1, block // 2), device=dev).expand(batch, -1)
     rng = torch.Generator(device=dev).manual_seed(0)
     ctx = bb.context(x)
-    h = bb.hidden(x, None, ctx)
+    cache = None
+    if kv_cache != "none":
+        cache = BlockKVCache.for_backbone(bb, batch, L, kv_cache, s)
+        block_id = torch.cat([torch.full((prompt_len,), gen_length, device=dev),
+                              torch.arange(gen_length, device=dev) // block]).expand(batch, -1)
+        middle = -(-gen_length // block) // 2  # masked from the middle block on
+        cache.plan((block_id >= middle) & (block_id < gen_length), block_id)
+        s(bb.embed(x), bb.hidden(x, None, ctx, cache), ctx, cache)  # the refresh and the storing pass
+    h = bb.hidden(x, None, ctx, cache)
 
     def readout(h):
         return read_out(bb, h, cand, 1.0, 1.0, "entropy", rng)
 
-    t_full = time_it(lambda: bb.hidden(x, None, ctx), repeats, dev)
-    t_samp = time_it(lambda: s(bb.embed(x), h, ctx), repeats, dev)
+    t_full = time_it(lambda: bb.hidden(x, None, ctx, cache), repeats, dev)
+    t_samp = time_it(lambda: s(bb.embed(x), h, ctx, cache), repeats, dev)
     t_read = time_it(lambda: readout(h), repeats, dev)
     return {"full_ms": t_full * 1e3, "sampler_ms": t_samp * 1e3, "readout_ms": t_read * 1e3,
             "c": t_samp / t_full, "c_step": (t_samp + t_read) / (t_full + t_read)}
+
+
+def make_prompts(bb: Backbone, batch: int, prompt_length: int) -> list[list[int]]:
+    """`batch` prompts: [BOS] (prompt_length 0) or BOS + random ids (never the mask token)."""
+    if prompt_length == 0:
+        return encode_prompts(bb, n=batch) if bb.tokenizer is not None else [[bb.bos_id]] * batch
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, bb.args.vocab_size, (batch, prompt_length - 1), generator=g)
+    ids[ids == bb.mask_id] = bb.bos_id
+    return [[bb.bos_id] + row for row in ids.tolist()]
+
+
+def kv_cache_table(bb: Backbone, s: JointSampler, batch: int, prompts: list[list[int]], args) -> None:
+    """Each mode without a cache, with the prefix cache and with the dual cache, measured in one run."""
+    caches = ("none", "prefix", "dual")
+    rows = [(m, k, kv) for m, k in [("exact", 1)] + [(m, k) for k in map(int, args.ks.split(","))
+                                                     for m in ("marginal", "joint")] for kv in caches]
+    costs, times, results = {kv: [] for kv in caches}, {row: [] for row in rows}, {}
+    for _ in range(args.trials):  # interleaved: a slow spell of the machine hits every row alike
+        for kv in caches:
+            costs[kv].append(step_costs(bb, s, batch, len(prompts[0]), args.gen_length, max(5, args.repeats),
+                                        args.block_length, kv))
+        for mode, k, kv in rows:
+            def run(mode=mode, k=k, kv=kv):
+                results[(mode, k, kv)] = generate(
+                    bb, prompts, sampler=s if mode == "joint" else None, mode=mode, k=k, seed=0,
+                    gen_length=args.gen_length, block_length=args.block_length, kv_cache=kv)
+
+            times[(mode, k, kv)].append(time_it(run, args.repeats, bb.device))
+    cost = {kv: {key: statistics.median(c[key] for c in costs[kv]) for key in costs[kv][0]} for kv in caches}
+    print(f"\nbatch {batch}, prompt {len(prompts[0])}, block {args.block_length or args.gen_length} "
+          f"(median of {args.trials} trial(s)): "
+          + "; ".join(f"{kv}: full pass {c['full_ms']:.2f} ms, sampler step {c['sampler_ms']:.2f} ms, "
+                      f"c = {c['c']:.3f}" for kv, c in cost.items()))
+    print(f"{'mode':<9}{'k':>3}{'cache':>8}{'tok/s':>10}{'full':>6}{'samp':>6}{'speed-up':>10}{'vs none':>9}")
+    base = {}
+    for mode, k, kv in rows:
+        r = results[(mode, k, kv)]
+        tps = r.decoded_tokens / statistics.median(times[(mode, k, kv)])
+        base.setdefault("exact", tps)
+        base.setdefault((mode, k), tps)
+        print(f"{mode:<9}{k:>3}{kv:>8}{tps:>10.0f}{r.full_passes:>6}{r.sampler_passes:>6}"
+              f"{tps / base['exact']:>9.2f}x{tps / base[(mode, k)]:>8.2f}x")
 
 
 def main() -> None:
@@ -100,6 +160,11 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile the read-out (compile_read_out)")
     ap.add_argument("--trials", type=int, default=1,
                     help="interleaved trials of every row; the table shows medians (noisy machines)")
+    ap.add_argument("--prompt-length", type=int, default=0,
+                    help="prompts of this many tokens (BOS + random ids); 0: [BOS] alone")
+    ap.add_argument("--block-length", type=int, default=None, help="semi-autoregressive blocks")
+    ap.add_argument("--kv-cache", action="store_true",
+                    help="compare no cache / prefix / dual KV cache (sampler.kvcache) instead")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -122,21 +187,27 @@ def main() -> None:
           f"gen_length {args.gen_length}, read-out {'compiled' if args.compile else 'eager'}")
 
     for batch in map(int, args.batches.split(",")):
-        prompts = encode_prompts(bb, n=batch) if bb.tokenizer is not None else [[bb.bos_id]] * batch
+        prompts = make_prompts(bb, batch, args.prompt_length)
+        if args.kv_cache:
+            kv_cache_table(bb, s, batch, prompts, args)
+            continue
         rows = [("exact", 1)] + [(m, k) for k in map(int, args.ks.split(",")) for m in ("marginal", "joint")]
         costs, times, results = [], {row: [] for row in rows}, {}
         for _ in range(args.trials):  # interleaved: a slow spell of the machine hits every row alike
-            costs.append(step_costs(bb, s, batch, len(prompts[0]), args.gen_length, max(5, args.repeats)))
+            costs.append(step_costs(bb, s, batch, len(prompts[0]), args.gen_length, max(5, args.repeats),
+                                    args.block_length))
             for mode, k in rows:
                 def run(mode=mode, k=k, prompts=prompts, results=results):
                     results[(mode, k)] = generate(bb, prompts, sampler=s if mode == "joint" else None,
-                                                  mode=mode, k=k, gen_length=args.gen_length, seed=0)
+                                                  mode=mode, k=k, gen_length=args.gen_length, seed=0,
+                                                  block_length=args.block_length)
 
                 times[(mode, k)].append(time_it(run, args.repeats, bb.device))
         cost = {key: statistics.median(c[key] for c in costs) for key in costs[0]}
         print(f"\nbatch {batch} (median of {args.trials} trial(s)): full pass {cost['full_ms']:.2f} ms, "
               f"sampler step {cost['sampler_ms']:.2f} ms, "
-              f"read-out at {args.gen_length // 2} candidates {cost['readout_ms']:.2f} ms: "
+              f"read-out at {(args.block_length or args.gen_length) // 2} candidates "
+              f"{cost['readout_ms']:.2f} ms: "
               f"c = {cost['c']:.3f}, c_step = {cost['c_step']:.3f}")
         print(f"{'mode':<9}{'k':>3}{'tok/s':>10}{'full':>6}{'samp':>6}{'speed-up':>10}{'ideal':>8}"
               f"{'of ideal':>10}{'of ideal(step)':>16}")

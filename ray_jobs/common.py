@@ -1,107 +1,33 @@
-"""Small shared helpers for the Ray jobs. Stable interface, imported by every job module:
+"""What every job shares (its configuration lives in `ray_jobs.config`):
 
-- `merge_config(defaults, config, job)` -> dict: defaults overlaid with `config`; unknown keys are an error
-  naming them (a typo never silently falls back to a default).
-- `parse_sets(["key=value", ...])` -> dict: `--set` overrides, values parsed as YAML (`3`, `1e-3`, `null`,
-  `true`, `[1, 2]`); dotted keys (`a.b=1`) give nested dicts.
-- `load_config(defaults, job, path=None, overrides=None, sets=None)` -> dict: defaults < YAML file <
-  explicit overrides (None values ignored: flags not given) < `--set`.
-- `add_config_args(parser)`: the `--config` and `--set` flags every job shares.
-- `init_ray(address=None, num_cpus=None)` -> bool: connect to a cluster (`address`, or `RAY_ADDRESS` as set by
-  `ray job submit`), else start a local one; True when this call started Ray (the caller shuts it down).
-- `sha256_file(path)`, `write_json_atomic(path, obj)`.
-- Teacher manifest (written by `ray_jobs.teacher`, read by training and evaluation):
-  `MANIFEST_NAME`, `read_manifest(dir)` -> dict, `manifest_shards(dir, verify=True)` -> list of
-  (path, entry), raising `ShardError` naming the shard when one is missing or its checksum differs.
+- Ray: `ray_session(address, num_cpus)` uses the running cluster (`address`, or RAY_ADDRESS as set by
+  `ray job submit`) or starts a local one, and shuts down only what it started.
+- Inputs: `backbone_path(path_or_None)` (None = the embedded backbone), `backbone_identity(path)` -> (name,
+  identity) without loading the weights, `load_prompts(path, field)` -> (texts, ids), `parse_dtype(name)`.
+- Files: `sha256_file`, `atomic_path` (the one way a job writes a file atomically), `write_json_atomic`.
+- Teacher manifest (written by `ray_jobs.teacher`, read by training and evaluation): `MANIFEST_NAME`,
+  `read_manifest(dir)` -> dict, `manifest_shards(dir, verify=True)` -> [(path, entry)], raising `ShardError`
+  naming the shard when one is missing or its checksum differs.
 """
 
 from __future__ import annotations
 
-import argparse
-import copy
 import hashlib
 import json
 import os
-import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
-
-import yaml
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from sampler.schema import ShardError
 
+if TYPE_CHECKING:
+    import torch
+
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "jointgen-teacher-manifest"
-
-
-# ---------------------------------------------------------------------------------------------
-# Configuration
-# ---------------------------------------------------------------------------------------------
-
-
-def _deep_update(base: dict, upd: Mapping, known: Mapping | None, job: str, prefix: str = "") -> dict:
-    for k, v in upd.items():
-        if known is not None and k not in known:
-            raise ValueError(f"{job}: unknown config key {prefix + k!r}; "
-                             f"known keys: {', '.join(sorted(known))}")
-        sub_known = known.get(k) if known is not None else None
-        if isinstance(v, Mapping) and isinstance(base.get(k), dict):
-            base[k] = _deep_update(base[k], v, sub_known if isinstance(sub_known, Mapping) else None, job,
-                                   f"{prefix}{k}.")
-        else:
-            base[k] = copy.deepcopy(v)
-    return base
-
-
-def merge_config(defaults: Mapping[str, Any], config: Mapping[str, Any] | None, job: str) -> dict[str, Any]:
-    """`defaults` overlaid with `config` (nested dicts merged); unknown keys raise ValueError."""
-    return _deep_update(copy.deepcopy(dict(defaults)), dict(config or {}), defaults, job)
-
-
-def parse_sets(items: Sequence[str] | None) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--set expects key=value, got {item!r}")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as e:
-            raise ValueError(f"--set {item!r}: value is not valid YAML ({e})") from e
-        node = out
-        parts = key.strip().split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
-    return out
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML ({e})") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
-    return data
-
-
-def load_config(defaults: Mapping[str, Any], job: str, path: str | Path | None = None,
-                overrides: Mapping[str, Any] | None = None, sets: Sequence[str] | None = None
-                ) -> dict[str, Any]:
-    cfg = merge_config(defaults, read_yaml(path) if path else {}, job)
-    cfg = merge_config(cfg, {k: v for k, v in (overrides or {}).items() if v is not None}, job)
-    return merge_config(cfg, parse_sets(sets), job)
-
-
-def add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML config file (keys as in configs/*.yaml); flags override it")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override any config key (value parsed as YAML); repeatable")
+Dtype = Literal["float32", "bfloat16", "float16"]  # null in a config = the checkpoint's own dtype
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,19 +35,93 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def init_ray(address: str | None = None, num_cpus: float | None = None) -> bool:
+@contextmanager
+def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[None]:
     """Use the running Ray (already initialised, `address`, or RAY_ADDRESS from `ray job submit`), else
-    start a local cluster. Returns True when this call started Ray, so the caller shuts it down."""
+    start a local cluster; a cluster started here is shut down on exit."""
     import ray
 
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
+    started = not ray.is_initialized()
+    if started:
+        address = address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            ray.init(num_cpus=num_cpus, log_to_driver=True)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------------------------
+
+
+def backbone_path(path: str | Path | None) -> Path:
+    from sampler.backbone import DEFAULT_BACKBONE
+
+    return Path(path).resolve() if path is not None else DEFAULT_BACKBONE
+
+
+def backbone_identity(path: Path) -> tuple[str, str]:
+    """(name, identity) of a checkpoint without loading it: the values `load_backbone` gives."""
+    from sampler.backbone import CheckpointError, fingerprint
+
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        hint = " (the embedded backbone is not built yet: pass --backbone)" if path.name == "backbone" else ""
+        raise CheckpointError(f"{path}: not a checkpoint directory (no config.json){hint}")
+    name = json.loads(cfg_file.read_text()).get("_name_or_path") or path.name
+    return name, fingerprint(path)
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    """A config's dtype name as a torch dtype; None stays None (the checkpoint's own dtype)."""
+    if name is None:
+        return None
+    if name not in get_args(Dtype):
+        raise ValueError(f"dtype must be one of {', '.join(get_args(Dtype))} or null, got {name!r}")
+    import torch
+
+    return getattr(torch, name)
+
+
+def load_prompts(path: str | Path, field: str) -> tuple[list[str], list[str]]:
+    """(texts, ids) from a JSONL file (one object per line with `field`, optional "id") or a Parquet file
+    (column `field`, optional column "id")."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {path} does not exist")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        if field not in table.column_names:
+            raise ValueError(f"{path}: no column {field!r} (columns: {table.column_names})")
+        texts = [str(t) for t in table.column(field).to_pylist()]
+        ids = ([str(i) for i in table.column("id").to_pylist()] if "id" in table.column_names
+               else [str(i) for i in range(len(texts))])
+    elif path.suffix in (".jsonl", ".json"):
+        texts, ids = [], []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from e
+            if not isinstance(rec, dict) or not isinstance(rec.get(field), str):
+                raise ValueError(f"{path}:{n}: expected an object with a string {field!r}")
+            texts.append(rec[field])
+            ids.append(str(rec.get("id", len(ids))))
     else:
-        ray.init(num_cpus=num_cpus, log_to_driver=True)
-    return True
+        raise ValueError(f"{path}: prompt files must be .jsonl or .parquet")
+    if not texts:
+        raise ValueError(f"{path}: no prompts")
+    return texts, ids
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,16 +137,26 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> Path:
-    """Temporary file in the same folder, fsync, rename: readers see the old or the new file, never half."""
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary name in `path`'s folder to write to; when the block ends it is fsynced and renamed
+    over `path`, so readers see the old file or the new one, never half (on an error it is removed).
+    Its name, `.<name>.<pid>.tmp`, is what readers clean up after a crash."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    return path
+    try:
+        yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    return Path(path)
 
 
 def read_manifest(data_dir: str | Path) -> dict[str, Any]:
@@ -176,15 +186,3 @@ def manifest_shards(data_dir: str | Path, verify: bool = True) -> list[tuple[Pat
                 raise ShardError(f"{path}: checksum differs from the manifest (corrupt or replaced shard)")
         out.append((path, entry))
     return out
-
-
-def run_job_cli(job: str, args: argparse.Namespace, defaults: Mapping[str, Any],
-                run: Callable[[dict[str, Any]], Any]) -> tuple[int, Any]:
-    """The body every `jointgen <job>` shares: flags given -> config overrides -> run. Bad input exits
-    with 2 and one line naming the problem (ShardError and CheckpointError are ValueErrors)."""
-    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "set", "json")}
-    try:
-        return 0, run(load_config(defaults, job, args.config, overrides, args.set))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"jointgen {job}: error: {e}", file=sys.stderr)
-        return 2, None

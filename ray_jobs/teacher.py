@@ -1,20 +1,18 @@
 """Teacher job: exact (one token per full pass) trajectories decoded by a pool of Ray actors, written as
-Parquet shards (`sampler.schema`) plus a manifest. DESIGN 1.3 and 2.3.
+Parquet shards (`sampler.schema`) plus a manifest (docs/method.md, docs/system.md).
 
     jointgen teacher --config configs/teacher.yaml --backbone PATH --out runs/teacher --num-trajectories 1024
 
 Interface (stable):
-- `run_teacher(config: dict, *, on_event=None) -> dict`. `config` holds any keys of `DEFAULTS` (the same keys
-  as configs/teacher.yaml); missing keys take the defaults. Returns a summary: trajectories, tokens,
+- `run_teacher(config, *, on_event=None) -> dict`. `config` is a `TeacherConfig` or a mapping of its keys
+  (ray_jobs/config.py; missing keys take the defaults). Returns a summary: trajectories, tokens,
   full_passes, wall_s, per_actor (chunks, trajectories, busy_s, traj_per_s, tok_per_s), out, manifest,
   chunks_total / chunks_skipped / chunks_done, bad_shards (names redone), actor_failures.
   `on_event(dict)` (optional, for monitoring and tests) gets {"event": "actors", "pids": [...]},
   {"event": "submitted", "chunk", "actor", "pid"}, {"event": "done", "chunk", ...} and
   {"event": "actor_failed", "chunk", "actor", "error"}.
-- `main(argv) -> int` for `jointgen teacher`.
-- Helpers other jobs use: `backbone_path(path_or_None) -> Path` (None = the embedded backbone),
-  `backbone_identity(path) -> (name, identity)` without loading the weights, `format_summary(summary)`,
-  `shard_name(chunk)`, `batch_seed(seed, chunk, batch)`, `load_prompts(path, field) -> (texts, ids)`.
+- `main(argv) -> int` for `jointgen teacher`; `format_summary(summary)`, `shard_name(chunk)`,
+  `batch_seed(seed, chunk, batch)`.
 
 How work is cut: trajectory i (0-based; its `traj_id`) belongs to chunk i // chunk_size; chunk c is one
 shard, `shard-{c:05d}.parquet`. Within a chunk, trajectories are decoded in batches of `batch_size`, each
@@ -42,6 +40,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,48 +49,23 @@ import numpy as np
 from ray_jobs.common import (
     MANIFEST_FORMAT,
     MANIFEST_NAME,
-    add_config_args,
-    init_ray,
-    merge_config,
+    backbone_identity,
+    backbone_path,
+    load_prompts,
+    parse_dtype,
+    ray_session,
     read_manifest,
-    run_job_cli,
     sha256_file,
     write_json_atomic,
 )
+from ray_jobs.config import TeacherConfig, add_config_args, run_cli, validate
 from sampler.schema import ShardError, read_trajectories, write_trajectories
-
-DEFAULTS: dict[str, Any] = {
-    "backbone": None,  # checkpoint dir; null = the embedded backbone (sampler/assets/backbone)
-    "dtype": None,  # null = the checkpoint's dtype (bf16 checkpoints decode in bf16)
-    "prompts": None,  # null = unconditional ([BOS]); else a .jsonl or .parquet file of prompts
-    "prompt_field": "prompt",  # JSONL key / Parquet column holding the prompt text (optional "id" alongside)
-    "chat": False,  # apply the tokenizer's chat template to prompts
-    "num_trajectories": None,  # null = 1024 unconditional, one per prompt with a prompt file
-    "gen_length": 64,
-    "temperature": 1.0,
-    "top_p": 1.0,
-    "policy": "entropy",
-    "block_length": None,
-    "batch_size": 32,  # trajectories per batched decode
-    "chunk_size": 128,  # trajectories per shard (the unit of work, retry and resume)
-    "seed": 0,
-    "out": "runs/teacher",
-    "actors": None,  # null = one per GPU, or one per CPU core without GPUs
-    "cpus_per_actor": 0.5,  # fractional on small machines (a whole core per actor starves the driver)
-    "gpus_per_actor": None,  # null = 1 when the cluster has GPUs, else 0
-    "torch_threads": None,  # null = CPU cores / actors (at least 1)
-    "max_restarts": 3,  # Ray restarts of a dead actor
-    "chunk_retries": 3,  # resubmissions of one chunk after its actor died
-    "on_bad_shard": "redo",  # redo | refuse
-    "ray_address": None,  # null = RAY_ADDRESS or a local cluster
-    "ray_num_cpus": None,  # CPUs of a local cluster (null = all)
-    "progress": True,
-}
+from sampler.settings import POLICIES
 
 # Keys that change what is decoded: a manifest written with other values is another dataset.
 GENERATION_KEYS = ("prompt_field", "chat", "gen_length", "temperature", "top_p", "policy", "block_length",
                    "batch_size", "chunk_size", "seed")
-POLICIES = ("entropy", "confidence", "margin", "random")
+Chunk = tuple[int, int, int]  # (chunk, first traj_id, rows)
 
 
 def shard_name(chunk: int) -> str:
@@ -103,85 +77,12 @@ def batch_seed(seed: int, chunk: int, batch: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(chunk), int(batch)]).generate_state(1)[0])
 
 
-# ---------------------------------------------------------------------------------------------
-# Config and prompts
-# ---------------------------------------------------------------------------------------------
-
-
-def check_config(cfg: dict[str, Any]) -> None:
-    def positive_int(key: str) -> None:
-        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
-            raise ValueError(f"teacher: {key} must be an integer >= 1, got {cfg[key]!r}")
-
-    for key in ("gen_length", "batch_size", "chunk_size"):
-        positive_int(key)
-    for key in ("num_trajectories", "actors", "block_length", "torch_threads"):
-        if cfg[key] is not None:
-            positive_int(key)
-    if cfg["policy"] not in POLICIES:
-        raise ValueError(f"teacher: policy must be one of {POLICIES}, got {cfg['policy']!r}")
-    if not 0.0 < float(cfg["top_p"]) <= 1.0:
-        raise ValueError(f"teacher: top_p must be in (0, 1], got {cfg['top_p']!r}")
-    if float(cfg["temperature"]) < 0:
-        raise ValueError(f"teacher: temperature must be >= 0, got {cfg['temperature']!r}")
-    if cfg["on_bad_shard"] not in ("redo", "refuse"):
-        raise ValueError(f"teacher: on_bad_shard must be 'redo' or 'refuse', got {cfg['on_bad_shard']!r}")
-    if cfg["dtype"] not in (None, "float32", "bfloat16", "float16"):
-        raise ValueError(f"teacher: dtype must be null, float32, bfloat16 or float16, got {cfg['dtype']!r}")
-
-
-def load_prompts(path: str | Path, field: str) -> tuple[list[str], list[str]]:
-    """(texts, ids) from a JSONL file (one object per line with `field`, optional "id") or a Parquet file
-    (column `field`, optional column "id")."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} does not exist")
-    texts: list[str] = []
-    ids: list[str] = []
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path)
-        if field not in table.column_names:
-            raise ValueError(f"{path}: no column {field!r} (columns: {table.column_names})")
-        texts = [str(t) for t in table.column(field).to_pylist()]
-        ids = ([str(i) for i in table.column("id").to_pylist()] if "id" in table.column_names
-               else [str(i) for i in range(len(texts))])
-    elif path.suffix in (".jsonl", ".json"):
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from e
-            if not isinstance(rec, dict) or not isinstance(rec.get(field), str):
-                raise ValueError(f"{path}:{n}: expected an object with a string {field!r}")
-            texts.append(rec[field])
-            ids.append(str(rec.get("id", len(ids))))
-    else:
-        raise ValueError(f"{path}: prompt files must be .jsonl or .parquet")
-    if not texts:
-        raise ValueError(f"{path}: no prompts")
-    return texts, ids
-
-
-def backbone_path(path: str | Path | None) -> Path:
-    from sampler.backbone import DEFAULT_BACKBONE
-
-    return Path(path).resolve() if path is not None else DEFAULT_BACKBONE
-
-
-def backbone_identity(path: Path) -> tuple[str, str]:
-    """(name, identity) of a checkpoint without loading it: the values `load_backbone` gives."""
-    from sampler.backbone import CheckpointError, fingerprint
-
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        hint = " (the embedded backbone is not built yet: pass --backbone)" if path.name == "backbone" else ""
-        raise CheckpointError(f"{path}: not a checkpoint directory (no config.json){hint}")
-    name = json.loads(cfg_file.read_text()).get("_name_or_path") or path.name
-    return name, fingerprint(path)
+def manifest_settings(cfg: TeacherConfig, prompts_sha: str | None) -> dict[str, Any]:
+    """What a manifest and every shard record of the decoding; a rerun must match it to resume."""
+    settings = {k: getattr(cfg, k) for k in GENERATION_KEYS}
+    if cfg.kv_cache != "none":  # only when set: manifests written before the key existed still match
+        settings["kv_cache"] = cfg.kv_cache
+    return settings | {"prompts_sha256": prompts_sha, "unconditional": cfg.prompts is None}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,68 +93,40 @@ def backbone_identity(path: Path) -> tuple[str, str]:
 class TeacherWorker:
     """Holds the frozen backbone; decodes whole chunks exactly. Wrapped by `ray.remote` at run time."""
 
-    def __init__(self, path: str, device: str, dtype: str | None, threads: int | None):
+    def __init__(self, cfg: TeacherConfig, path: str, device: str, threads: int | None):
         import torch
 
         from sampler import load_backbone
 
         if threads:
             torch.set_num_threads(threads)
-        self.backbone = load_backbone(path, device=device, dtype=getattr(torch, dtype) if dtype else None)
+        self.cfg = cfg
+        self.backbone = load_backbone(path, device=device, dtype=parse_dtype(cfg.dtype))
 
     def info(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "name": self.backbone.name, "identity": self.backbone.identity,
                 "device": str(self.backbone.device)}
 
-    def run_chunk(self, spec: dict[str, Any]) -> dict[str, Any]:
+    def run_chunk(self, chunk: int, first: int, texts: list[str] | None, prompt_ids: list[str]) -> dict:
         from sampler import encode_prompts, from_result, generate
 
         t0 = time.perf_counter()
-        s = spec["settings"]
-        bb = self.backbone
-        texts, pids = spec["texts"], spec["prompt_ids"]
-        prompts = (encode_prompts(bb, n=spec["rows"]) if texts is None
-                   else encode_prompts(bb, texts, chat=s["chat"]))
+        cfg, bb, rows, size = self.cfg, self.backbone, len(prompt_ids), self.cfg.batch_size
+        prompts = encode_prompts(bb, n=rows) if texts is None else encode_prompts(bb, texts, chat=cfg.chat)
         trajs, passes = [], 0
-        for b, start in enumerate(range(0, spec["rows"], s["batch_size"])):
-            seed = batch_seed(s["seed"], spec["chunk"], b)
-            res = generate(bb, prompts[start:start + s["batch_size"]], mode="exact", k=1,
-                           gen_length=s["gen_length"], temperature=s["temperature"], top_p=s["top_p"],
-                           policy=s["policy"], block_length=s["block_length"], stop_at_eos=False, seed=seed)
-            trajs += from_result(res, start_id=spec["first"] + start, seed=seed,
-                                 prompt_ids_str=pids[start:start + s["batch_size"]])
+        for b, start in enumerate(range(0, rows, size)):
+            seed = batch_seed(cfg.seed, chunk, b)
+            res = generate(bb, prompts[start:start + size], cfg.decode, gen_length=cfg.gen_length, seed=seed)
+            trajs += from_result(res, start_id=first + start, seed=seed,
+                                 prompt_ids_str=prompt_ids[start:start + size])
             passes += res.full_passes
-        return {"chunk": spec["chunk"], "trajs": trajs, "full_passes": passes, "pid": os.getpid(),
+        return {"chunk": chunk, "trajs": trajs, "full_passes": passes, "pid": os.getpid(),
                 "busy_s": time.perf_counter() - t0}
 
 
 # ---------------------------------------------------------------------------------------------
-# Manifest and existing shards
+# The output directory: shards and their manifest
 # ---------------------------------------------------------------------------------------------
-
-
-def _shard_problem(path: Path, entry: dict | None, rows: int, meta_expected: dict[str, Any],
-                   identity: str) -> tuple[str | None, dict | None]:
-    """(problem, entry): problem None means the shard is complete (entry: its manifest entry)."""
-    if entry is not None:
-        if not path.is_file():
-            return f"{path}: listed in the manifest but missing", None
-        if entry.get("rows") != rows:
-            return f"{path}: holds {entry.get('rows')} rows, this run needs {rows}", None
-        if sha256_file(path) != entry.get("sha256"):
-            return f"{path}: checksum differs from the manifest (corrupt or replaced shard)", None
-        return None, entry
-    # on disk but not listed: written just before a crash, or foreign; read it in full before trusting it
-    try:
-        trajs, meta = read_trajectories(path, backbone_identity=identity)
-    except ShardError as e:
-        return str(e), None
-    diff = sorted(k for k, v in meta_expected.items() if meta.get(k) != v)
-    if diff:
-        return f"{path}: written with other settings ({', '.join(diff)})", None
-    if len(trajs) != rows:
-        return f"{path}: holds {len(trajs)} rows, this run needs {rows}", None
-    return None, _entry(path, meta["chunk"], trajs, meta.get("full_passes", 0))
 
 
 def _entry(path: Path, chunk: int, trajs: list, full_passes: int) -> dict[str, Any]:
@@ -262,196 +135,259 @@ def _entry(path: Path, chunk: int, trajs: list, full_passes: int) -> dict[str, A
             "sha256": sha256_file(path)}
 
 
+@dataclass
+class ShardStore:
+    """The shards of one teacher run and their manifest; `done` holds the manifest entry of every
+    complete chunk."""
+
+    out: Path
+    settings: dict[str, Any]
+    backbone: dict[str, Any]  # name, identity, path
+    chunks: list[Chunk]
+    num_trajectories: int
+    done: dict[int, dict] = field(default_factory=dict)
+
+    @property
+    def manifest(self) -> Path:
+        return self.out / MANIFEST_NAME
+
+    def meta(self, chunk: int) -> dict[str, Any]:
+        """The metadata a shard of this run holds (besides its counters)."""
+        return {"backbone_identity": self.backbone["identity"], **self.settings, "chunk": chunk}
+
+    def scan(self) -> list[str]:
+        """Take the complete shards already on disk into `done`; returns the problems of the others. A
+        manifest from other settings is an error: that directory holds another dataset."""
+        entries: dict[int, dict] = {}
+        if self.manifest.exists():
+            old = read_manifest(self.out)
+            keys = set(self.settings) | set(old["settings"])
+            diff = sorted(k for k in keys if old["settings"].get(k) != self.settings.get(k))
+            if old["backbone"]["identity"] != self.backbone["identity"]:
+                diff.append(f"backbone ({old['backbone']['name']} {old['backbone']['identity']})")
+            if diff:
+                raise ValueError(f"{self.out}: holds teacher data from different settings (differs in: "
+                                 f"{', '.join(diff)}); use another --out or delete it")
+            entries = {e["chunk"]: e for e in old["shards"]}
+        for stale in self.out.glob(".shard-*.tmp"):  # an interrupted write; its chunk is redone
+            stale.unlink()
+        bad = []
+        for c, _first, rows in self.chunks:
+            path = self.out / shard_name(c)
+            if c not in entries and not path.exists():
+                continue
+            problem, entry = self._check(path, entries.get(c), rows, c)
+            if problem is None:
+                self.done[c] = entry
+            else:
+                bad.append(problem)
+        return bad
+
+    def _check(self, path: Path, entry: dict | None, rows: int, chunk: int) -> tuple[str | None, dict | None]:
+        """(problem, entry): problem None means the shard is complete (entry: its manifest entry)."""
+        if entry is not None:
+            if not path.is_file():
+                return f"{path}: listed in the manifest but missing", None
+            if entry.get("rows") != rows:
+                return f"{path}: holds {entry.get('rows')} rows, this run needs {rows}", None
+            if sha256_file(path) != entry.get("sha256"):
+                return f"{path}: checksum differs from the manifest (corrupt or replaced shard)", None
+            return None, entry
+        # on disk but not listed: written just before a crash, or foreign; read it in full before trusting it
+        try:
+            trajs, meta = read_trajectories(path, backbone_identity=self.backbone["identity"])
+        except ShardError as e:
+            return str(e), None
+        diff = sorted(k for k, v in self.meta(chunk).items() if meta.get(k) != v)
+        if diff:
+            return f"{path}: written with other settings ({', '.join(diff)})", None
+        if len(trajs) != rows:
+            return f"{path}: holds {len(trajs)} rows, this run needs {rows}", None
+        return None, _entry(path, meta["chunk"], trajs, meta.get("full_passes", 0))
+
+    def write_manifest(self) -> None:
+        done = self.done
+        write_json_atomic(self.manifest, {
+            "format": MANIFEST_FORMAT, "version": 1, "settings": self.settings, "backbone": self.backbone,
+            "num_trajectories": self.num_trajectories, "num_chunks": len(self.chunks),
+            "complete": len(done) == len(self.chunks), "shards": [done[c] for c in sorted(done)],
+            "trajectories": sum(e["rows"] for e in done.values()),
+            "tokens": sum(e["tokens"] for e in done.values()),
+        })
+
+    def store(self, chunk: Chunk, result: dict[str, Any]) -> dict[str, Any]:
+        """Write a decoded chunk's shard, then list it in the manifest; returns its entry."""
+        c, first, rows = chunk
+        path = write_trajectories(self.out / shard_name(c), result["trajs"], {
+            **self.meta(c), "backbone_name": self.backbone["name"], "full_passes": result["full_passes"],
+            "first_traj_id": first, "rows": rows})
+        self.done[c] = _entry(path, c, result["trajs"], result["full_passes"])
+        self.write_manifest()
+        return self.done[c]
+
+
 # ---------------------------------------------------------------------------------------------
 # The job
 # ---------------------------------------------------------------------------------------------
 
 
-def run_teacher(config: dict[str, Any] | None = None, *,
-                on_event: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Decode the configured trajectories into `<out>/shard-*.parquet` + `<out>/manifest.json`."""
+def start_actors(cfg: TeacherConfig, bpath: Path, identity: str, n_chunks: int) -> tuple[list, list[int]]:
+    """The decoding actors, each with the backbone loaded (and checked to be the driver's), and their
+    process ids."""
+    import ray
+
+    res = ray.cluster_resources()
+    n_gpu, n_cpu = int(res.get("GPU", 0)), int(res.get("CPU", 1))
+    gpus = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1 if n_gpu else 0)
+    n_actors = min(cfg.actors or (max(1, int(n_gpu // gpus)) if gpus else max(1, n_cpu)), n_chunks)
+    threads = cfg.torch_threads or (None if gpus else max(1, n_cpu // n_actors))
+    worker = ray.remote(TeacherWorker).options(
+        num_cpus=cfg.cpus_per_actor, num_gpus=gpus, max_restarts=cfg.max_restarts,
+        max_task_retries=0)  # the driver resubmits, so it knows which chunk failed
+    actors = [worker.remote(cfg, str(bpath), "cuda" if gpus else "cpu", threads) for _ in range(n_actors)]
+    infos = ray.get([a.info.remote() for a in actors])
+    for info in infos:
+        if info["identity"] != identity:
+            raise ShardError(f"{bpath}: an actor loaded backbone {info['identity']}, the driver sees "
+                             f"{identity} (different files on different nodes?)")
+    return actors, [info["pid"] for info in infos]
+
+
+def chunk_inputs(chunk: Chunk, texts: list[str] | None, prompt_ids: list[str] | None) -> tuple:
+    """The arguments of `TeacherWorker.run_chunk` for one chunk: trajectory i uses prompt i % n_prompts."""
+    c, first, rows = chunk
+    span = range(first, first + rows)
+    return (c, first, None if texts is None else [texts[i % len(texts)] for i in span],
+            [prompt_ids[i % len(prompt_ids)] if prompt_ids else "" for i in span])
+
+
+def decode_chunks(cfg: TeacherConfig, actors: list, pids: list[int], todo: deque[Chunk], inputs: Callable,
+                  done: Callable[[int, Chunk, dict], None], emit: Callable[[dict], None]) -> int:
+    """Hand chunks to idle actors until none is left (`inputs(chunk)`: run_chunk's arguments);
+    `done(actor, chunk, result)` gets each result. A chunk whose actor died is resubmitted first (up to
+    chunk_retries times). Returns the number of actor failures."""
     import ray
     from ray.exceptions import OutOfMemoryError, RayActorError
+
+    attempts: dict[int, int] = {}
+    deaths = [0] * len(actors)
+    idle = deque(range(len(actors)))
+    inflight: dict[Any, tuple[int, Chunk]] = {}
+    failures = 0
+    while todo or inflight:
+        while idle and todo:
+            a, chunk = idle.popleft(), todo.popleft()
+            inflight[actors[a].run_chunk.remote(*inputs(chunk))] = (a, chunk)
+            emit({"event": "submitted", "chunk": chunk[0], "actor": a, "pid": pids[a]})
+        ready, _ = ray.wait(list(inflight), num_returns=1)
+        a, chunk = inflight.pop(ready[0])
+        try:
+            result = ray.get(ready[0])
+        except (RayActorError, OutOfMemoryError) as e:
+            c = chunk[0]
+            failures, deaths[a], attempts[c] = failures + 1, deaths[a] + 1, attempts.get(c, 0) + 1
+            emit({"event": "actor_failed", "chunk": c, "actor": a, "error": type(e).__name__})
+            print(f"teacher: actor {a} died on chunk {c} ({type(e).__name__}); resubmitting "
+                  f"(try {attempts[c]} of {cfg.chunk_retries})", file=sys.stderr)
+            if attempts[c] > cfg.chunk_retries:
+                raise RuntimeError(f"teacher: chunk {c} failed {attempts[c]} times; last error: {e}") from e
+            todo.appendleft(chunk)
+            if deaths[a] <= cfg.max_restarts:  # Ray restarts it; calls queue until it is back
+                idle.append(a)
+            elif not idle and not inflight:
+                raise RuntimeError("teacher: every actor died more than max_restarts times") from e
+            continue
+        done(a, chunk, result)
+        pids[a] = result["pid"]  # a restarted actor has a new one
+        emit({"event": "done", "chunk": chunk[0], "actor": a, "pid": result["pid"], "rows": chunk[2]})
+        idle.append(a)
+    return failures
+
+
+def decode_all(cfg: TeacherConfig, store: ShardStore, todo: deque[Chunk], texts: list[str] | None,
+               prompt_ids: list[str] | None, emit: Callable[[dict], None]) -> tuple[dict, int, float]:
+    """Decode the chunks of `todo` on Ray actors into `store`: (per-actor counters, failures, decode s)."""
+    import ray
     from tqdm import tqdm
 
-    cfg = merge_config(DEFAULTS, config, "teacher")
-    check_config(cfg)
-    emit = on_event or (lambda ev: None)
-    t_start = time.perf_counter()
-    out = Path(cfg["out"]).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    bpath = backbone_path(cfg["backbone"])
-    name, identity = backbone_identity(bpath)
+    actors, pids = start_actors(cfg, backbone_path(cfg.backbone), store.backbone["identity"], len(todo))
+    emit({"event": "actors", "pids": pids})
+    per_actor = {i: {"chunks": 0, "trajectories": 0, "tokens": 0, "busy_s": 0.0} for i in range(len(actors))}
+    bar = tqdm(total=store.num_trajectories, initial=sum(e["rows"] for e in store.done.values()), unit="traj",
+               desc="teacher", disable=not cfg.progress, dynamic_ncols=True)
 
-    texts = prompt_ids = None
-    prompts_sha = None
-    if cfg["prompts"] is not None:
-        texts, prompt_ids = load_prompts(cfg["prompts"], cfg["prompt_field"])
-        prompts_sha = sha256_file(cfg["prompts"])
-    n_traj = cfg["num_trajectories"] or (len(texts) if texts is not None else 1024)
-    chunks = [(c, first, min(cfg["chunk_size"], n_traj - first))
-              for c, first in enumerate(range(0, n_traj, cfg["chunk_size"]))]
+    def done(a: int, chunk: Chunk, result: dict) -> None:
+        entry = store.store(chunk, result)
+        st = per_actor[a]
+        st["chunks"], st["trajectories"] = st["chunks"] + 1, st["trajectories"] + chunk[2]
+        st["tokens"], st["busy_s"] = st["tokens"] + entry["tokens"], st["busy_s"] + result["busy_s"]
+        bar.update(chunk[2])
 
-    settings = {k: cfg[k] for k in GENERATION_KEYS} | {"prompts_sha256": prompts_sha,
-                                                       "unconditional": texts is None}
-    backbone_info = {"name": name, "identity": identity,
-                     "path": None if cfg["backbone"] is None else str(bpath)}
-    manifest_path = out / MANIFEST_NAME
-    entries: dict[int, dict] = {}
-    if manifest_path.exists():
-        old = read_manifest(out)
-        keys = set(settings) | set(old["settings"])
-        diff = sorted(k for k in keys if old["settings"].get(k) != settings.get(k))
-        if old["backbone"]["identity"] != identity:
-            diff.append(f"backbone ({old['backbone']['name']} {old['backbone']['identity']})")
-        if diff:
-            raise ValueError(f"{out}: holds teacher data from different settings (differs in: "
-                             f"{', '.join(diff)}); use another --out or delete it")
-        entries = {e["chunk"]: e for e in old["shards"]}
-    for stale in out.glob(".shard-*.tmp"):  # an interrupted write; its chunk is redone below
-        stale.unlink()
-
-    meta_expected = {"backbone_identity": identity, **settings}
-    done: dict[int, dict] = {}
-    bad: list[str] = []
-    for c, _first, rows in chunks:
-        path = out / shard_name(c)
-        if c not in entries and not path.exists():
-            continue
-        problem, entry = _shard_problem(path, entries.get(c), rows, meta_expected | {"chunk": c}, identity)
-        if problem is None:
-            done[c] = entry
-        else:
-            bad.append(problem)
-    if bad:
-        if cfg["on_bad_shard"] == "refuse":
-            raise ShardError("bad shard(s), refusing to continue (on_bad_shard=refuse):\n  "
-                             + "\n  ".join(bad))
-        for problem in bad:
-            print(f"teacher: {problem}; decoding it again", file=sys.stderr)
-    skipped = len(done)
-    todo = deque((c, first, rows) for c, first, rows in chunks if c not in done)
-
-    def write_manifest() -> None:
-        write_json_atomic(manifest_path, {
-            "format": MANIFEST_FORMAT, "version": 1, "settings": settings, "backbone": backbone_info,
-            "num_trajectories": n_traj, "num_chunks": len(chunks), "complete": len(done) == len(chunks),
-            "shards": [done[c] for c in sorted(done)],
-            "trajectories": sum(e["rows"] for e in done.values()),
-            "tokens": sum(e["tokens"] for e in done.values()),
-        })
-
-    write_manifest()
-    per_actor: dict[int, dict[str, float]] = {}
-    failures = 0
-    decode_s = 0.0
-    started_ray = False
-    actors: list = []
-    if todo:
-        started_ray = init_ray(cfg["ray_address"], cfg["ray_num_cpus"])
     try:
-        if todo:
-            res_ = ray.cluster_resources()
-            n_gpu = int(res_.get("GPU", 0))
-            gpus = cfg["gpus_per_actor"] if cfg["gpus_per_actor"] is not None else (1 if n_gpu else 0)
-            n_cpu = int(res_.get("CPU", 1))
-            n_actors = cfg["actors"] or (max(1, int(n_gpu // gpus)) if gpus else max(1, n_cpu))
-            n_actors = min(n_actors, len(todo))
-            threads = cfg["torch_threads"] or (None if gpus else max(1, n_cpu // n_actors))
-            Worker = ray.remote(TeacherWorker).options(
-                num_cpus=cfg["cpus_per_actor"], num_gpus=gpus, max_restarts=cfg["max_restarts"],
-                max_task_retries=0)  # the driver resubmits, so it knows which chunk failed
-            actors = [Worker.remote(str(bpath), "cuda" if gpus else "cpu", cfg["dtype"], threads)
-                      for _ in range(n_actors)]
-            infos = ray.get([a.info.remote() for a in actors])
-            for info in infos:
-                if info["identity"] != identity:
-                    raise ShardError(f"{bpath}: an actor loaded backbone {info['identity']}, the driver sees "
-                                     f"{identity} (different files on different nodes?)")
-            pids = [i["pid"] for i in infos]
-            emit({"event": "actors", "pids": pids})
-            per_actor = {i: {"chunks": 0, "trajectories": 0, "tokens": 0, "busy_s": 0.0}
-                         for i in range(n_actors)}
-
-            attempts: dict[int, int] = {}
-            deaths = [0] * n_actors
-            idle = deque(range(n_actors))
-            inflight: dict[Any, tuple[int, tuple[int, int, int]]] = {}
-            t_decode = time.perf_counter()
-            bar = tqdm(total=n_traj, initial=sum(e["rows"] for e in done.values()), unit="traj",
-                       desc="teacher", disable=not cfg["progress"], dynamic_ncols=True)
-            while todo or inflight:
-                while idle and todo:
-                    a = idle.popleft()
-                    c, first, rows = todo.popleft()
-                    spec = {"chunk": c, "first": first, "rows": rows, "settings": settings,
-                            "texts": None if texts is None else [texts[i % len(texts)] for i in
-                                                                 range(first, first + rows)],
-                            "prompt_ids": [prompt_ids[i % len(prompt_ids)] if prompt_ids else "" for i in
-                                           range(first, first + rows)]}
-                    inflight[actors[a].run_chunk.remote(spec)] = (a, (c, first, rows))
-                    emit({"event": "submitted", "chunk": c, "actor": a, "pid": pids[a]})
-                ready, _ = ray.wait(list(inflight), num_returns=1)
-                a, (c, first, rows) = inflight.pop(ready[0])
-                try:
-                    result = ray.get(ready[0])
-                except (RayActorError, OutOfMemoryError) as e:
-                    failures += 1
-                    deaths[a] += 1
-                    attempts[c] = attempts.get(c, 0) + 1
-                    emit({"event": "actor_failed", "chunk": c, "actor": a, "error": type(e).__name__})
-                    print(f"teacher: actor {a} died on chunk {c} ({type(e).__name__}); resubmitting "
-                          f"(try {attempts[c]} of {cfg['chunk_retries']})", file=sys.stderr)
-                    if attempts[c] > cfg["chunk_retries"]:
-                        raise RuntimeError(f"teacher: chunk {c} failed {attempts[c]} times; "
-                                           f"last error: {e}") from e
-                    todo.appendleft((c, first, rows))
-                    if deaths[a] <= cfg["max_restarts"]:  # Ray restarts it; calls queue until it is back
-                        idle.append(a)
-                    elif not idle and not inflight:
-                        raise RuntimeError("teacher: every actor died more than max_restarts times") from e
-                    continue
-                path = write_trajectories(out / shard_name(c), result["trajs"], {
-                    **meta_expected, "chunk": c, "backbone_name": name, "full_passes": result["full_passes"],
-                    "first_traj_id": first, "rows": rows})
-                done[c] = _entry(path, c, result["trajs"], result["full_passes"])
-                write_manifest()
-                st = per_actor[a]
-                st["chunks"] += 1
-                st["trajectories"] += rows
-                st["tokens"] += done[c]["tokens"]
-                st["busy_s"] += result["busy_s"]
-                if result["pid"] != pids[a]:  # restarted actor
-                    pids[a] = result["pid"]
-                emit({"event": "done", "chunk": c, "actor": a, "pid": result["pid"], "rows": rows})
-                bar.update(rows)
-                idle.append(a)
-            bar.close()
-            decode_s = time.perf_counter() - t_decode
+        t0 = time.perf_counter()
+        failures = decode_chunks(cfg, actors, pids, todo,
+                                 lambda chunk: chunk_inputs(chunk, texts, prompt_ids), done, emit)
+        bar.close()
+        return per_actor, failures, time.perf_counter() - t0
     finally:
         for a in actors:
             ray.kill(a)
-        if started_ray:
-            ray.shutdown()
 
-    wall = time.perf_counter() - t_start
+
+def run_teacher(config: TeacherConfig | dict[str, Any] | None = None, *,
+                on_event: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Decode the configured trajectories into `<out>/shard-*.parquet` + `<out>/manifest.json`."""
+    cfg = validate(TeacherConfig, config)
+    t_start = time.perf_counter()
+    out = Path(cfg.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    bpath = backbone_path(cfg.backbone)
+    name, identity = backbone_identity(bpath)
+    texts = prompt_ids = prompts_sha = None
+    if cfg.prompts is not None:
+        texts, prompt_ids = load_prompts(cfg.prompts, cfg.prompt_field)
+        prompts_sha = sha256_file(cfg.prompts)
+    n_traj = cfg.num_trajectories or (len(texts) if texts is not None else 1024)
+    backbone = {"name": name, "identity": identity, "path": None if cfg.backbone is None else str(bpath)}
+    chunks = [(c, first, min(cfg.chunk_size, n_traj - first))
+              for c, first in enumerate(range(0, n_traj, cfg.chunk_size))]
+    store = ShardStore(out, manifest_settings(cfg, prompts_sha), backbone, chunks, n_traj)
+    bad = store.scan()
+    if bad and cfg.on_bad_shard == "refuse":
+        raise ShardError("bad shard(s), refusing to continue (on_bad_shard=refuse):\n  " + "\n  ".join(bad))
+    for problem in bad:
+        print(f"teacher: {problem}; decoding it again", file=sys.stderr)
+    skipped = len(store.done)
+    todo = deque(chunk for chunk in store.chunks if chunk[0] not in store.done)
+    store.write_manifest()
+    per_actor, failures, decode_s = {}, 0, 0.0
+    if todo:
+        with ray_session(cfg.ray_address, cfg.ray_num_cpus):
+            per_actor, failures, decode_s = decode_all(cfg, store, todo, texts, prompt_ids,
+                                                       on_event or (lambda ev: None))
+    return summarize(store, per_actor, skipped=skipped, bad=bad, failures=failures,
+                     wall=time.perf_counter() - t_start, decode_s=decode_s)
+
+
+def summarize(store: ShardStore, per_actor: dict[int, dict], *, skipped: int, bad: list[str], failures: int,
+              wall: float, decode_s: float) -> dict[str, Any]:
+    done = store.done.values()
     for st in per_actor.values():
         st["traj_per_s"] = st["trajectories"] / st["busy_s"] if st["busy_s"] else 0.0
         st["tok_per_s"] = st["tokens"] / st["busy_s"] if st["busy_s"] else 0.0
-    summary = {
-        "trajectories": sum(e["rows"] for e in done.values()),
-        "tokens": sum(e["tokens"] for e in done.values()),
-        "full_passes": sum(e.get("full_passes", 0) for e in done.values()),
-        "chunks_total": len(chunks), "chunks_skipped": skipped, "chunks_done": len(chunks) - skipped,
-        "trajectories_this_run": sum(st["trajectories"] for st in per_actor.values()),
+    this_run = sum(st["trajectories"] for st in per_actor.values())
+    return {
+        "trajectories": sum(e["rows"] for e in done), "tokens": sum(e["tokens"] for e in done),
+        "full_passes": sum(e.get("full_passes", 0) for e in done),
+        "chunks_total": len(store.chunks), "chunks_skipped": skipped,
+        "chunks_done": len(store.chunks) - skipped, "trajectories_this_run": this_run,
         "bad_shards": bad, "actor_failures": failures, "wall_s": wall, "decode_s": decode_s,
         "startup_s": wall - decode_s if decode_s else 0.0,
         # trajectories decoded in this run per second of decoding (Ray and model start-up excluded)
-        "traj_per_s": sum(st["trajectories"] for st in per_actor.values()) / decode_s if decode_s else 0.0,
+        "traj_per_s": this_run / decode_s if decode_s else 0.0,
         "per_actor": [per_actor[i] for i in sorted(per_actor)],
-        "out": str(out), "manifest": str(manifest_path), "backbone": backbone_info,
+        "out": str(store.out), "manifest": str(store.manifest), "backbone": store.backbone,
     }
-    return summary
 
 
 def format_summary(s: dict[str, Any]) -> str:
@@ -493,10 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    code, summary = run_job_cli("teacher", args, DEFAULTS, run_teacher)
-    if code == 0:
-        print(json.dumps(summary, indent=1) if args.json else format_summary(summary))
-    return code
+    return run_cli(TeacherConfig, args, run_teacher,
+                   lambda s: print(json.dumps(s, indent=1) if args.json else format_summary(s)))
 
 
 if __name__ == "__main__":

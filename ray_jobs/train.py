@@ -1,10 +1,10 @@
-"""Train job: fit the joint sampler on teacher shards with Ray Train (DESIGN 1.3).
+"""Train job: fit the joint sampler on teacher shards with Ray Train (docs/method.md).
 
     jointgen train --config configs/train.yaml --data runs/teacher --out runs/train --workers 2 --steps 2000
 
 Interface (stable):
-- `run_train(config: dict) -> dict`. `config` holds any keys of `DEFAULTS` (the keys of configs/train.yaml);
-  missing keys take the defaults. Returns: sampler_dir (`<out>/sampler`, loadable by `JointSampler.load`),
+- `run_train(config) -> dict`. `config` is a `TrainConfig` or a mapping of its keys (ray_jobs/config.py;
+  missing keys take the defaults). Returns: sampler_dir (`<out>/sampler`, loadable by `JointSampler.load`),
   checkpoint (the latest Ray Train checkpoint dir), metrics (the last reported: loss, kl_marginal, lr,
   grad_norm, val/..., step, start_step), depth_metrics ({K: {kl_sampler, kl_marginal, top1_sampler,
   top1_marginal, positions}} of the last validation), start_step, steps, wall_s, metrics_jsonl, out.
@@ -43,80 +43,33 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+
 from ray_jobs.common import (
-    add_config_args,
-    init_ray,
+    backbone_identity,
+    backbone_path,
     manifest_shards,
-    merge_config,
+    parse_dtype,
+    ray_session,
     read_manifest,
-    run_job_cli,
     write_json_atomic,
 )
-from sampler.schema import ShardError
+from ray_jobs.config import TrainConfig, add_config_args, run_cli, validate
+from sampler import Backbone, JointSampler, depth_metrics, joint_loss, load_backbone, sample_windows
+from sampler.joint import SAMPLER_CONFIG, SAMPLER_WEIGHTS
+from sampler.schema import ShardError, read_trajectories
+from sampler.trajectory import WindowBatch
 
-DEFAULTS: dict[str, Any] = {
-    "data": "runs/teacher",  # teacher output directory (manifest.json + shards), or a list of them
-    "backbone": None,  # null = the backbone recorded in the teacher manifest (the embedded one if none)
-    "dtype": None,  # null = float32 on CPU, bfloat16 on GPU
-    "out": "runs/train",
-    "run_name": "train",  # Ray Train run name; the same out + run_name resumes
-    "storage_path": None,  # Ray Train storage (checkpoints); null = <out>/ray; s3://... or NFS on clusters
-    "workers": 2,
-    "cpus_per_worker": 0.5,  # fractional on small machines; GPUs: one per worker when use_gpu
-    "use_gpu": None,  # null = when the cluster has GPUs
-    "torch_threads": None,  # null = 1 per worker on CPU
-    "steps": 2000,
-    "batch_size": 32,  # global windows per step (split across workers)
-    "k_max": 7,  # largest unroll depth K
-    "k_weighting": "inverse",  # inverse (P(K) ~ 1/K) | uniform
-    "lr": 5.0e-5,
-    "warmup_steps": 250,  # linear warm-up, then constant
-    "weight_decay": 0.0,
-    "adam_betas": [0.9, 0.999],
-    "grad_clip": 1.0,
-    "bf16": None,  # null = bf16 autocast on GPU, off on CPU (true pays on CPUs with bf16 units: 2.1x here)
-    "val_fraction": 0.05,  # held-out trajectories (by traj_id hash)
-    "val_every": 250,
-    "val_windows_per_depth": 64,
-    "val_k_max": None,  # null = k_max
-    "checkpoint_every": 250,
-    "keep_checkpoints": 2,
-    "max_failures": 2,  # worker failures recovered from the latest checkpoint
-    "log_every": 10,
-    "seed": 0,
-    "wandb": "offline",  # offline | online | disabled
-    "wandb_project": "jointgen",
-    "ray_address": None,  # null = RAY_ADDRESS or a local cluster
-    "ray_num_cpus": None,
-    "progress": True,
-    "fail_at_step": None,  # fault injection: the last rank kills its own process here (fresh runs only)
-}
-WEIGHTS = ("inverse", "uniform")
 TRAIN_STATE = "train_state.pt"
-
-
-def check_config(cfg: dict[str, Any]) -> None:
-    for key in ("workers", "steps", "batch_size", "k_max", "val_every", "checkpoint_every", "log_every",
-                "val_windows_per_depth", "keep_checkpoints"):
-        v = cfg[key]
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"train: {key} must be an integer >= 1, got {v!r}")
-    if cfg["batch_size"] < cfg["workers"]:
-        raise ValueError(f"train: batch_size {cfg['batch_size']} is smaller than workers {cfg['workers']}")
-    if cfg["k_weighting"] not in WEIGHTS:
-        raise ValueError(f"train: k_weighting must be one of {WEIGHTS}, got {cfg['k_weighting']!r}")
-    if not float(cfg["lr"]) > 0:
-        raise ValueError(f"train: lr must be > 0, got {cfg['lr']!r}")
-    if not 0.0 <= float(cfg["val_fraction"]) < 1.0:
-        raise ValueError(f"train: val_fraction must be in [0, 1), got {cfg['val_fraction']!r}")
-    if cfg["wandb"] not in ("offline", "online", "disabled"):
-        raise ValueError(f"train: wandb must be offline, online or disabled, got {cfg['wandb']!r}")
-    if int(cfg["warmup_steps"]) < 0 or float(cfg["grad_clip"]) <= 0:
-        raise ValueError("train: warmup_steps must be >= 0 and grad_clip > 0")
 
 
 def is_heldout(traj_id: int, fraction: float) -> bool:
@@ -141,8 +94,6 @@ def load_split(data: str | list, identity: str, fraction: float, rank: int,
     With at least as many shards as workers, rank r trains on shards r, r + world, ... and reads only
     those (rank 0 reads all, for the held-out set); with fewer shards, every rank reads them all and takes
     every world-th training trajectory."""
-    from sampler.schema import read_trajectories
-
     shards = [sh for d in data_dirs(data) for sh in manifest_shards(d)]
     by_shard = len(shards) >= world
     train, val = [], []
@@ -174,26 +125,36 @@ def lr_factor(step: int, warmup: int) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class RunInputs:
+    """What the driver resolved and every worker needs besides the config."""
+
+    backbone_path: str
+    identity: str
+    data: str  # teacher directories, comma-separated
+    out: str
+    bf16: bool
+
+
 class RunLog:
     """metrics.jsonl and wandb, on world rank 0 only."""
 
-    def __init__(self, cfg: dict[str, Any], rank: int):
+    def __init__(self, cfg: TrainConfig, out: str, rank: int):
         self.active = rank == 0
         self.wandb = None
         if not self.active:
             return
-        out = Path(cfg["_out"])
-        out.mkdir(parents=True, exist_ok=True)
-        self.fh = open(out / "metrics.jsonl", "a")
-        if cfg["wandb"] != "disabled":
-            os.environ["WANDB_MODE"] = cfg["wandb"]
+        out_dir = Path(out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.fh = open(out_dir / "metrics.jsonl", "a")
+        if cfg.wandb != "disabled":
+            os.environ["WANDB_MODE"] = cfg.wandb
             os.environ.setdefault("WANDB_SILENT", "true")
             import wandb
 
-            run_id = hashlib.sha256(f"{out}:{cfg['run_name']}".encode()).hexdigest()[:12]
-            self.wandb = wandb.init(project=cfg["wandb_project"], name=cfg["run_name"], id=run_id,
-                                    resume="allow", dir=str(out),
-                                    config={k: v for k, v in cfg.items() if not k.startswith("_")})
+            run_id = hashlib.sha256(f"{out}:{cfg.run_name}".encode()).hexdigest()[:12]
+            self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.run_name, id=run_id,
+                                    resume="allow", dir=str(out_dir), config=cfg.model_dump())
 
     def log(self, metrics: dict[str, Any]) -> None:
         if not self.active:
@@ -234,142 +195,181 @@ def unflat_depth(metrics: dict[str, Any]) -> dict[int, dict[str, float]]:
     return dict(sorted(depth.items()))
 
 
-def train_loop(cfg: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker."""
-    import tempfile
+class SamplerLoss(torch.nn.Module):
+    """The sampler as DDP's module: one forward = the whole K-step unroll, so DDP sees one forward and
+    one backward per step. The backbone is held outside the module tree (frozen, never broadcast)."""
 
-    import numpy as np
-    import ray.train
-    import ray.train.torch
-    import torch
-    import torch.distributed as dist
-    from safetensors.torch import load_file
+    def __init__(self, backbone: Backbone, sampler: JointSampler) -> None:
+        super().__init__()
+        self.sampler = sampler
+        object.__setattr__(self, "backbone", backbone)  # bypasses nn.Module's submodule registration
 
-    from sampler import JointSampler, depth_metrics, joint_loss, load_backbone, sample_windows
-    from sampler.joint import SAMPLER_WEIGHTS
-    from sampler.trajectory import WindowBatch
+    def forward(self, states, attention_mask, ks, target_pos, target_valid):
+        batch = WindowBatch(states, attention_mask, ks, target_pos, target_valid)
+        return joint_loss(self.backbone, self.sampler, batch)
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    if device.type == "cpu":
-        torch.set_num_threads(cfg["torch_threads"] or 1)
-    bf16 = bool(cfg["_bf16"])
-    dtype = getattr(torch, cfg["dtype"]) if cfg["dtype"] else (torch.bfloat16 if bf16 else torch.float32)
-    backbone = load_backbone(cfg["_backbone_path"], device=device, dtype=dtype)
-    if backbone.identity != cfg["_identity"]:
-        raise ShardError(f"{cfg['_backbone_path']}: worker loaded backbone {backbone.identity}, the teacher "
-                         f"data needs {cfg['_identity']}")
-    train_trajs, val_trajs = load_split(cfg["_data"], backbone.identity, float(cfg["val_fraction"]), rank,
-                                        world)
 
-    sampler = JointSampler.for_backbone(backbone, seed=cfg["seed"])
+@dataclass
+class Worker:
+    """One Ray Train worker: the frozen backbone, the sampler it trains and its trajectories."""
 
-    class SamplerLoss(torch.nn.Module):
-        """The sampler as DDP's module: one forward = the whole K-step unroll, so DDP sees one forward and
-        one backward per step. The backbone is held outside the module tree (frozen, never broadcast)."""
+    rank: int
+    world: int
+    device: torch.device
+    bf16: bool
+    backbone: Backbone
+    sampler: JointSampler
+    train: list
+    val: list  # the held-out trajectories (rank 0 only)
 
-        def __init__(self) -> None:
-            super().__init__()
-            self.sampler = sampler
+    @classmethod
+    def start(cls, cfg: TrainConfig, run: RunInputs) -> Worker:
+        import ray.train
+        import ray.train.torch
 
-        def forward(self, states, attention_mask, ks, target_pos, target_valid):
-            batch = WindowBatch(states, attention_mask, ks, target_pos, target_valid)
-            return joint_loss(backbone, self.sampler, batch)
+        ctx = ray.train.get_context()
+        rank, world = ctx.get_world_rank(), ctx.get_world_size()
+        device = ray.train.torch.get_device()
+        if device.type == "cpu":
+            torch.set_num_threads(cfg.torch_threads or 1)
+        dtype = parse_dtype(cfg.dtype) or (torch.bfloat16 if run.bf16 else torch.float32)
+        backbone = load_backbone(run.backbone_path, device=device, dtype=dtype)
+        if backbone.identity != run.identity:
+            raise ShardError(f"{run.backbone_path}: worker loaded backbone {backbone.identity}, the teacher "
+                             f"data needs {run.identity}")
+        train, val = load_split(run.data, backbone.identity, cfg.val_fraction, rank, world)
+        sampler = JointSampler.for_backbone(backbone, seed=cfg.seed)
+        return cls(rank, world, device, run.bf16, backbone, sampler, train, val)
 
-    start, state = 0, None
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def restore(self) -> tuple[int, dict | None]:
+        """(step, optimizer state) of the checkpoint Ray Train hands this run, if any; loads the sampler."""
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return 0, None
         with ckpt.as_directory() as d:
-            sampler.load_state_dict(load_file(str(Path(d) / SAMPLER_WEIGHTS), device=str(device)))
-            state = torch.load(Path(d) / TRAIN_STATE, map_location=device, weights_only=True)
-        start = int(state["step"])
-    model = ray.train.torch.prepare_model(SamplerLoss())
-    opt = torch.optim.AdamW(sampler.parameters(), lr=float(cfg["lr"]), betas=tuple(cfg["adam_betas"]),
-                            weight_decay=float(cfg["weight_decay"]))
-    warmup = int(cfg["warmup_steps"])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup))
-    if state is not None:
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
+            self.sampler.load_state_dict(load_file(str(Path(d) / SAMPLER_WEIGHTS), device=str(self.device)))
+            state = torch.load(Path(d) / TRAIN_STATE, map_location=self.device, weights_only=True)
+        return int(state["step"]), state
 
-    log = RunLog(cfg, rank)
-    log.log({"event": "start", "step": start, "resumed": ckpt is not None, "workers": world,
-             "train_trajectories_rank0": len(train_trajs), "val_trajectories": len(val_trajs)})
-    steps, per_worker = int(cfg["steps"]), int(cfg["batch_size"]) // world
-    k_max, val_k = int(cfg["k_max"]), int(cfg["val_k_max"] or cfg["k_max"])
-    # a resumed run draws new windows, reproducibly
-    rng = np.random.default_rng([int(cfg["seed"]), rank, start])
-    last: dict[str, Any] = {"step": start, "start_step": start}
-    acc = np.zeros(3)
-    t_log = time.perf_counter()
-    n_log = 0
-
-    def validate() -> dict[str, Any]:
-        if rank != 0 or not val_trajs:
+    def validate(self, cfg: TrainConfig) -> dict[str, float]:
+        """Held-out metrics per unroll depth (rank 0; {} elsewhere)."""
+        if self.rank != 0 or not self.val:
             return {}
-        sampler.eval()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            depth = depth_metrics(backbone, sampler, val_trajs, val_k,
-                                  windows_per_depth=int(cfg["val_windows_per_depth"]), seed=int(cfg["seed"]))
-        sampler.train()
+        self.sampler.eval()
+        with self.autocast():
+            depth = depth_metrics(self.backbone, self.sampler, self.val, cfg.val_k_max or cfg.k_max,
+                                  windows_per_depth=cfg.val_windows_per_depth, seed=cfg.seed)
+        self.sampler.train()
         return flat_depth(depth)
 
-    def checkpoint(step: int, metrics: dict[str, Any]) -> None:
+    def checkpoint(self, step: int, metrics: dict[str, Any], opt: torch.optim.Optimizer,
+                   sched: torch.optim.lr_scheduler.LRScheduler) -> None:
+        """Report `metrics` with a checkpoint (written by rank 0: sampler + optimizer state)."""
+        import ray.train
+
         with tempfile.TemporaryDirectory() as d:
             ck = None
-            if rank == 0:
-                sampler.save(d, extra={"step": step})
+            if self.rank == 0:
+                self.sampler.save(d, extra={"step": step})
                 torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step},
                            Path(d) / TRAIN_STATE)
                 ck = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=ck, checkpoint_dir_name=f"checkpoint-{step:07d}")
 
-    sampler.train()
-    for step in range(start, steps):
-        batch = sample_windows(train_trajs, per_worker, k_max, rng, backbone.mask_id, backbone.pad_id,
-                               weighting=cfg["k_weighting"]).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+
+def optimizer(cfg: TrainConfig, sampler: JointSampler, state: dict | None
+              ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW with a linear warm-up, then a constant rate (restored from `state` when resuming)."""
+    opt = torch.optim.AdamW(sampler.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas),
+                            weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup_steps))
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+    return opt, sched
+
+
+class LossMeter:
+    """Loss and marginal-baseline KL summed since the last log line, and the windows drawn meanwhile."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums, self.windows, self.t0 = np.zeros(3), 0, time.perf_counter()
+
+    def add(self, info: dict[str, float], windows: int) -> None:
+        self.sums += (info["loss"], info["kl_marginal"], 1.0)
+        self.windows += windows
+
+    def read(self, world: int) -> tuple[float, float, float]:
+        """(loss, kl_marginal) averaged over workers and steps, and windows per second of all workers."""
+        red = torch.tensor(self.sums, dtype=torch.float64)
+        if world > 1 and dist.is_initialized():
+            dist.all_reduce(red)
+        dt = time.perf_counter() - self.t0
+        return float(red[0] / red[2]), float(red[1] / red[2]), self.windows * world / dt if dt > 0 else 0.0
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker (`config`: {"cfg": TrainConfig, "run": RunInputs})."""
+    import ray.train
+    import ray.train.torch
+
+    cfg, run = config["cfg"], config["run"]
+    w = Worker.start(cfg, run)
+    start, state = w.restore()
+    model = ray.train.torch.prepare_model(SamplerLoss(w.backbone, w.sampler))
+    opt, sched = optimizer(cfg, w.sampler, state)
+    log = RunLog(cfg, run.out, w.rank)
+    log.log({"event": "start", "step": start, "resumed": state is not None, "workers": w.world,
+             "train_trajectories_rank0": len(w.train), "val_trajectories": len(w.val)})
+    per_worker = cfg.batch_size // w.world
+    rng = np.random.default_rng([cfg.seed, w.rank, start])  # a resumed run draws new windows, reproducibly
+    last: dict[str, Any] = {"step": start, "start_step": start}
+    meter = LossMeter()
+    w.sampler.train()
+    for step in range(start, cfg.steps):
+        batch = sample_windows(w.train, per_worker, cfg.k_max, rng, w.backbone.mask_id, w.backbone.pad_id,
+                               weighting=cfg.k_weighting).to(w.device)
+        with w.autocast():
             loss, info = model(batch.states, batch.attention_mask, batch.ks, batch.target_pos,
                                batch.target_valid)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(sampler.parameters(), float(cfg["grad_clip"])))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(w.sampler.parameters(), cfg.grad_clip))
         opt.step()
         sched.step()
         done = step + 1
-        acc += (info["loss"], info["kl_marginal"], 1.0)
-        n_log += per_worker
+        meter.add(info, per_worker)
         if not math.isfinite(info["loss"]):
             raise FloatingPointError(f"train: loss is {info['loss']} at step {done} (lower lr?)")
-        if cfg["fail_at_step"] == done and ckpt is None and rank == world - 1:
+        if cfg.fail_at_step == done and state is None and w.rank == w.world - 1:
             # a worker dying mid-run. The controller collects reports (and registers checkpoints) on its
             # 2 s health-check poll: wait for it, so the checkpoint before this step is the one restored
             time.sleep(5)
             os.kill(os.getpid(), signal.SIGKILL)
-        if done % int(cfg["log_every"]) == 0 or done == steps:
-            red = torch.tensor(acc, dtype=torch.float64)
-            if world > 1 and dist.is_initialized():
-                dist.all_reduce(red)  # mean over workers and steps since the last log
-            dt = time.perf_counter() - t_log
-            last = last | {"step": done, "loss": float(red[0] / red[2]),
-                           "kl_marginal": float(red[1] / red[2]),
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            loss_mean, kl_marginal, windows_per_s = meter.read(w.world)
+            last = last | {"step": done, "loss": loss_mean, "kl_marginal": kl_marginal,
                            "lr": sched.get_last_lr()[0], "grad_norm": grad_norm,
-                           "windows_per_s": n_log * world / dt if dt > 0 else 0.0}
+                           "windows_per_s": windows_per_s}
             log.log({k: v for k, v in last.items() if not k.startswith("val")} | {"time": time.time()})
-            acc[:] = 0
-            n_log = 0
-            t_log = time.perf_counter()
-        if done % int(cfg["val_every"]) == 0 or done == steps:
-            val = validate()
+            meter.reset()
+        if done % cfg.val_every == 0 or done == cfg.steps:
+            val = w.validate(cfg)
             if val:
                 last = last | val
                 log.log({"step": done} | val)
-        if done % int(cfg["checkpoint_every"]) == 0 or done == steps:
-            checkpoint(done, last)
-    if start >= steps:  # nothing left to train: validate and report; the restored checkpoint stays the latest
-        last = last | validate()
-        ray.train.report(last)
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            w.checkpoint(done, last, opt, sched)
+    if start >= cfg.steps:  # nothing to train: validate and report; the restored checkpoint stays the latest
+        ray.train.report(last | w.validate(cfg))
     log.close()
 
 
@@ -379,9 +379,8 @@ def train_loop(cfg: dict[str, Any]) -> None:
 
 
 def export_sampler(checkpoint_dir: Path, dest: Path, extra: dict[str, Any]) -> Path:
-    """Copy the checkpoint's sampler to `dest` (replaced whole, via a temporary folder and renames)."""
-    from sampler.joint import SAMPLER_CONFIG, SAMPLER_WEIGHTS
-
+    """Copy the checkpoint's sampler to `dest`, a directory replaced whole: written under a temporary
+    name, then swapped in by two renames (`atomic_path` is for single files)."""
     tmp = dest.with_name(f".{dest.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -442,22 +441,14 @@ def fit_with_progress(trainer: Any, metrics_path: Path, steps: int, progress: bo
     return box["result"]
 
 
-def run_train(config: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train the sampler on `data` into `out`; see the module docstring."""
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from ray_jobs.teacher import backbone_identity, backbone_path
-
-    cfg = merge_config(DEFAULTS, config, "train")
-    check_config(cfg)
-    t0 = time.perf_counter()
-    dirs = data_dirs(cfg["data"])
+def check_data(cfg: TrainConfig) -> tuple[list[Path], Path, str, str]:
+    """(teacher dirs, backbone dir, its name, its identity): every manifest's shards are checked (a
+    corrupt one stops the run here, by name) and must come from that backbone."""
+    dirs = data_dirs(cfg.data)
     bpath = name = identity = None
     for data in dirs:
         manifest = read_manifest(data)
-        shards = manifest_shards(data)  # checksums: a corrupt shard stops the run here, by name
+        shards = manifest_shards(data)
         if not shards:
             raise ValueError(f"{data}: the manifest lists no shards")
         if not manifest["complete"]:
@@ -465,34 +456,44 @@ def run_train(config: dict[str, Any] | None = None) -> dict[str, Any]:
                   "training on what is there", file=sys.stderr)
         recorded = manifest["backbone"]
         if bpath is None:
-            bpath = backbone_path(cfg["backbone"] if cfg["backbone"] is not None else recorded.get("path"))
+            bpath = backbone_path(cfg.backbone if cfg.backbone is not None else recorded.get("path"))
             name, identity = backbone_identity(bpath)
         if identity != recorded["identity"]:
             raise ShardError(f"{data}: teacher shards were decoded by backbone {recorded['name']!r} "
                              f"({recorded['identity']}), but {bpath} is {name!r} ({identity})")
-    data = ",".join(str(d) for d in dirs)
-    out = Path(cfg["out"]).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    return dirs, bpath, name, identity
 
-    started_ray = init_ray(cfg["ray_address"], cfg["ray_num_cpus"])
-    try:
-        use_gpu = cfg["use_gpu"] if cfg["use_gpu"] is not None else ray.cluster_resources().get("GPU", 0) > 0
-        bf16 = cfg["bf16"] if cfg["bf16"] is not None else use_gpu
-        worker_cfg = cfg | {"_backbone_path": str(bpath), "_identity": identity, "_data": str(data),
-                            "_out": str(out), "_bf16": bool(bf16)}
-        resources = {"CPU": float(cfg["cpus_per_worker"])} | ({"GPU": 1} if use_gpu else {})
-        trainer = TorchTrainer(
-            train_loop, train_loop_config=worker_cfg,
-            scaling_config=ScalingConfig(num_workers=cfg["workers"], use_gpu=bool(use_gpu),
-                                         resources_per_worker=resources),
-            run_config=RunConfig(name=cfg["run_name"], storage_path=cfg["storage_path"] or str(out / "ray"),
-                                 failure_config=FailureConfig(max_failures=cfg["max_failures"]),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg["keep_checkpoints"])),
-        )
-        result = fit_with_progress(trainer, out / "metrics.jsonl", int(cfg["steps"]), bool(cfg["progress"]))
-    finally:
-        if started_ray:
-            ray.shutdown()
+
+def fit(cfg: TrainConfig, bpath: Path, identity: str, data: str, out: Path) -> Any:
+    """The Ray Train run: `workers` DDP workers, checkpoints under storage_path; returns its Result."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    run = RunInputs(str(bpath), identity, data, str(out), bool(cfg.bf16 if cfg.bf16 is not None else use_gpu))
+    resources = {"CPU": cfg.cpus_per_worker} | ({"GPU": 1} if use_gpu else {})
+    trainer = TorchTrainer(
+        train_loop, train_loop_config={"cfg": cfg, "run": run},
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=bool(use_gpu),
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=cfg.run_name, storage_path=cfg.storage_path or str(out / "ray"),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
+    )
+    return fit_with_progress(trainer, out / "metrics.jsonl", cfg.steps, cfg.progress)
+
+
+def run_train(config: TrainConfig | dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train the sampler on `data` into `out`; see the module docstring."""
+    cfg = validate(TrainConfig, config)
+    t0 = time.perf_counter()
+    dirs, bpath, name, identity = check_data(cfg)
+    data = ",".join(str(d) for d in dirs)
+    out = Path(cfg.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    with ray_session(cfg.ray_address, cfg.ray_num_cpus):
+        result = fit(cfg, bpath, identity, data, out)
     if result.error is not None:
         raise RuntimeError(f"train: the run failed: {result.error}") from result.error
     if result.checkpoint is None:
@@ -500,9 +501,9 @@ def run_train(config: dict[str, Any] | None = None) -> dict[str, Any]:
     metrics = dict(result.metrics or {})
     with result.checkpoint.as_directory() as d:
         sampler_dir = export_sampler(Path(d), out / "sampler", {
-            "trained_steps": metrics.get("step"), "teacher_data": str(data),
-            "train_config": {k: cfg[k] for k in ("lr", "warmup_steps", "batch_size", "k_max", "k_weighting",
-                                                   "workers", "seed")}})
+            "trained_steps": metrics.get("step"), "teacher_data": data,
+            "train_config": {k: getattr(cfg, k) for k in ("lr", "warmup_steps", "batch_size", "k_max",
+                                                          "k_weighting", "workers", "seed")}})
     depth = unflat_depth(metrics)
     summary = {
         "sampler_dir": str(sampler_dir), "checkpoint": result.checkpoint.path, "metrics": metrics,
@@ -550,10 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    code, summary = run_job_cli("train", args, DEFAULTS, run_train)
-    if code == 0:
-        print(json.dumps(summary, indent=1, default=str) if args.json else format_summary(summary))
-    return code
+    return run_cli(TrainConfig, args, run_train,
+                   lambda s: print(json.dumps(s, indent=1, default=str) if args.json else format_summary(s)))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from sampler.model import Context, ModelArgs, Transformer
 
 if TYPE_CHECKING:
-    from sampler.kvcache import KVCache
+    from sampler.kvcache import BlockKVCache
 
 DEFAULT_BACKBONE = Path(__file__).parent / "assets" / "backbone"
 DEFAULT_JUDGE = Path(__file__).parent / "assets" / "judge"
@@ -293,7 +293,7 @@ class Backbone(nn.Module):
         return self.model.lm_head(h)
 
     def hidden(self, ids: Tensor, attention_mask: Tensor | None = None,
-               ctx: Context | None = None, cache: KVCache | None = None) -> Tensor:
+               ctx: Context | None = None, cache: BlockKVCache | None = None) -> Tensor:
         """Last-layer hidden states after the final norm, [B, L, H]; with a `cache` (sampler.kvcache),
         the columns it does not compute come from it."""
         return self.model(ids, attention_mask, ctx, cache)

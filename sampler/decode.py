@@ -20,7 +20,7 @@ from torch import Tensor
 
 from sampler.backbone import Backbone
 from sampler.joint import JointSampler
-from sampler.kvcache import KVCache
+from sampler.kvcache import BlockKVCache
 from sampler.model import Context
 from sampler.settings import DecodeSettings
 
@@ -113,7 +113,7 @@ def read_out(backbone: Backbone, h: Tensor, cand: Tensor, temperature: float, to
 @torch.inference_mode()
 def unmask_step(backbone: Backbone, x: Tensor, cand: Tensor, valid: Tensor, *, ctx: Context,
                 attn_mask: Tensor | None, settings: DecodeSettings, sampler: JointSampler | None,
-                rng: torch.Generator, eos_region: Tensor | None = None, cache: KVCache | None = None,
+                rng: torch.Generator, eos_region: Tensor | None = None, cache: BlockKVCache | None = None,
                 ) -> tuple[list[tuple[Tensor, Tensor]], int]:
     """One full pass, then up to k tokens per row written into `x` in place (docs/method.md).
 
@@ -167,20 +167,27 @@ def unmask_step(backbone: Backbone, x: Tensor, cand: Tensor, valid: Tensor, *, c
         return picks, sampler_passes
 
     # threshold: the sure candidates (and each row's best) from the full pass, in score order
-    sure = valid & (logp.max(-1).values >= math.log(s.threshold) if s.threshold > 0 else valid)
+    def sure(logp: Tensor) -> Tensor:
+        return valid & (logp.max(-1).values >= math.log(s.threshold)) if s.threshold > 0 else valid.clone()
+
+    def take(allowed: Tensor, logp: Tensor, scores: Tensor) -> None:
+        for _ in range(min(k, int(allowed.sum(1).max()))):  # one host synchronisation
+            picks.append(write(allowed & valid & (used < k)[:, None], logp, scores))
+
+    first = sure(logp)
     best = scores.masked_fill(~valid, float("-inf")).argmax(1)
-    sure[rows, best] |= valid[rows, best]
-    for _ in range(min(k, int(sure.sum(1).max()))):  # one host synchronisation per full pass
-        picks.append(write(sure & valid & (used < k)[:, None], logp, scores))
-    # joint: uncertain candidates one at a time, each after a sampler pass that sees every token so far
-    while use_sampler is not None:
-        more = valid.any(1) & (used < k)
-        if not bool(more.any()):
-            break
+    first[rows, best] |= valid[rows, best]
+    take(first, logp, scores)
+    # joint: the sampler decides the uncertain ones, one per sampler pass that sees every token written so
+    # far, and takes at once any candidate it made sure; a row stops at k, the loop when no row goes on
+    more = valid.any(1) & (used < k)
+    while use_sampler is not None and bool(more.any()):
         h = use_sampler(backbone.embed(x), h, ctx, cache)
         sampler_passes += 1
         logp, scores = read_out(backbone, h, cand, s.temperature, s.top_p, s.policy, rng)
         picks.append(write(valid & more[:, None], logp, scores))
+        take(sure(logp) & more[:, None], logp, scores)
+        more &= valid.any(1) & (used < k)
     return picks, sampler_passes
 
 
@@ -282,7 +289,7 @@ def generate(
     rng = torch.Generator(device=dev).manual_seed(seed)
     rows = torch.arange(B, device=dev)
     full_passes = sampler_passes = 0
-    cache = (KVCache.for_backbone(backbone, B, P + G, s.kv_cache, sampler if s.mode == "joint" else None)
+    cache = (BlockKVCache.for_backbone(backbone, B, P + G, s.kv_cache, sampler if s.mode == "joint" else None)
              if s.kv_cache != "none" else None)
 
     while True:

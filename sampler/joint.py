@@ -1,4 +1,4 @@
-"""The joint sampler (DESIGN 1.1): one decoder layer of the backbone's own type on top of the frozen
+"""The joint sampler (docs/method.md): one decoder layer of the backbone's own type on top of the frozen
 backbone, run after each sampled token so later tokens see earlier ones.
 
     h' = h + RMSNorm(Block(Linear(RMSNorm(e) ++ RMSNorm(h))))  ->  frozen LM head
@@ -21,7 +21,7 @@ from sampler.backbone import Backbone
 from sampler.model import Block, Context, ModelArgs, RMSNorm, gather_cols, scatter_cols
 
 if TYPE_CHECKING:
-    from sampler.kvcache import KVCache
+    from sampler.kvcache import BlockKVCache
 
 SAMPLER_WEIGHTS = "sampler.safetensors"
 SAMPLER_CONFIG = "sampler.json"
@@ -52,7 +52,7 @@ class JointSampler(nn.Module):
         s = cls(backbone.args, backbone_identity=backbone.identity, backbone_name=backbone.name)
         return s.to(device=backbone.device)
 
-    def forward(self, e: Tensor, h: Tensor, ctx: Context, cache: KVCache | None = None) -> Tensor:
+    def forward(self, e: Tensor, h: Tensor, ctx: Context, cache: BlockKVCache | None = None) -> Tensor:
         """One sampler step: embeddings of the current tokens and the previous hidden state -> new
         hidden state in the backbone's hidden space (read out by `Backbone.logits`).
 

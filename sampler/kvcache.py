@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 KINDS = ("prefix", "dual")
 
 
-class KVCache:
+class BlockKVCache:
     """Keys and values of every backbone layer (and of the sampler's layer, with `sampler_dtype`) at all
     L columns of a batch, the backbone's last hidden states, and the columns the next passes compute.
 
@@ -51,7 +51,7 @@ class KVCache:
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                  sampler_dtype: torch.dtype | None = None):
         if kind not in KINDS:
-            raise ValueError(f"kv_cache must be one of {KINDS} for a KVCache, got {kind!r}")
+            raise ValueError(f"kv_cache must be one of {KINDS} for a BlockKVCache, got {kind!r}")
         if args.causal:
             raise ValueError("a KV cache needs a bidirectional model (causal=False)")
         self.kind, self.shift = kind, shift
@@ -70,7 +70,7 @@ class KVCache:
 
     @classmethod
     def for_backbone(cls, backbone: Backbone, batch: int, seq_len: int, kind: str,
-                     sampler: JointSampler | None = None) -> KVCache:
+                     sampler: JointSampler | None = None) -> BlockKVCache:
         """A cache for `batch` rows of `seq_len` columns (with a layer for `sampler` if given)."""
         return cls(backbone.args, batch, seq_len, kind=kind, shift=backbone.shift, dtype=backbone.dtype,
                    device=backbone.device,
@@ -85,8 +85,8 @@ class KVCache:
         """Begin a pass of `part` ("backbone" or "sampler"): the columns it computes (None: every column,
         its first pass since a refresh, which stores them all) and its layers' (keys, values)."""
         if not self.layers[part]:
-            raise ValueError(f"this KVCache has no {part} layer (make it with the sampler: for_backbone(..., "
-                             "sampler=s) or sampler_dtype=...)")
+            raise ValueError(f"this cache has no {part} layer (make it with the sampler: "
+                             "for_backbone(..., sampler=s) or sampler_dtype=...)")
         cols = self.cols if self.stored[part] else None
         self.stored[part] = True
         return cols, self.layers[part]
@@ -102,7 +102,7 @@ class KVCache:
         when any unfinished row's current block changed since the last refresh (or at the first pass), and
         sets the columns computed: [block start - shift, L) (prefix) or [.., block end) (dual), a short row
         padded with its own last column; one column for a finished row. Returns whether it refreshed."""
-        B, L = masked.shape
+        L = masked.shape[1]
         big = torch.iinfo(block_id.dtype).max
         cur = torch.where(masked, block_id, big).min(1).values
         live = cur < big

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
-    from sampler.kvcache import KVCache
+    from sampler.kvcache import BlockKVCache
 
 
 @dataclass
@@ -204,7 +204,7 @@ class Transformer(nn.Module):
         return Context(cos, sin, mask, self.args.causal)
 
     def forward(self, ids: Tensor, attention_mask: Tensor | None = None,
-                ctx: Context | None = None, cache: KVCache | None = None) -> Tensor:
+                ctx: Context | None = None, cache: BlockKVCache | None = None) -> Tensor:
         """Last-layer hidden states after the final norm, [B, L, dim].
 
         With a `cache` (sampler.kvcache): the first pass after a refresh computes every column and stores

@@ -1,4 +1,4 @@
-"""The training objective (DESIGN 1.3) and held-out metrics per unroll depth.
+"""The training objective (docs/method.md) and held-out metrics per unroll depth.
 
 Backbone on s_i gives h; the sampler is unrolled K times with teacher forcing (embeddings of s_{i+1}
 .. s_{i+K}); the loss is KL(backbone(s_{i+K}) || sampler) over the positions still masked in s_{i+K}.

@@ -1,4 +1,4 @@
-"""Teacher trajectories (DESIGN 1.3): `(prompt_ids, final tokens, unmask order)` fully describes an
+"""Teacher trajectories (docs/method.md): `(prompt_ids, final tokens, unmask order)` fully describes an
 exact decode; state s_i is the final sequence with the positions order[i:] masked again."""
 
 from __future__ import annotations

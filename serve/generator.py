@@ -37,6 +37,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sampler.decode import candidates, pack_rows, unmask_step
+from sampler.kvcache import BlockKVCache
 from sampler.settings import DecodeSettings, Mode
 from serve.api import ApiError, validation_error
 
@@ -452,6 +453,7 @@ class Lane:
         self.attn = torch.empty(0, 0, dtype=torch.bool, device=dev)
         self.block_id = torch.empty(0, 0, dtype=torch.long, device=dev)
         self.ctx = None
+        self.cache: BlockKVCache | None = None  # settings.kv_cache: rebuilt whenever rows join or leave
 
     def n_rows(self) -> int:
         return len(self.owners)
@@ -483,7 +485,7 @@ class Lane:
         self.x = torch.cat([self.x, x])
         self.attn = torch.cat([self.attn, attn])
         self.block_id = torch.cat([self.block_id, blocks.expand(len(job.prompts), -1)])
-        self.ctx = None
+        self.ctx = self.cache = None
 
     def _keep(self, keep: list[int]) -> None:
         if len(keep) == len(self.owners):
@@ -494,7 +496,7 @@ class Lane:
         # drop the columns that are padding in every remaining row
         first = int(self.attn.any(0).nonzero()[0]) if keep else self.x.shape[1]
         self.x, self.attn, self.block_id = self.x[:, first:], self.attn[:, first:], self.block_id[:, first:]
-        self.ctx = None
+        self.ctx = self.cache = None
 
     def drop_cancelled(self) -> None:
         """A request whose client went away stops using the device at once."""
@@ -511,9 +513,14 @@ class Lane:
         cand, valid, _ = candidates((x == b.mask_id) & gen_cols, self.block_id)
         if cand.shape[1] == 0:
             return 0
+        if s.kv_cache != "none":  # refreshed at the first pass of a new batch and at every block change
+            if self.cache is None:
+                self.cache = BlockKVCache.for_backbone(b, x.shape[0], x.shape[1], s.kv_cache,
+                                                  self.engine.sampler if s.mode == "joint" else None)
+            self.cache.plan((x == b.mask_id) & gen_cols, self.block_id)
         picks, sampler_passes = unmask_step(
             b, x, cand, valid, ctx=self.ctx, attn_mask=attn_mask, settings=s, sampler=self.engine.sampler,
-            rng=self.rng, eos_region=gen_cols if s.stop_at_eos else None)
+            rng=self.rng, eos_region=gen_cols if s.stop_at_eos else None, cache=self.cache)
         decoded = torch.stack([go for go, _ in picks]).sum(0).tolist() if picks else []
         for (job, r, _), n in zip(self.owners, decoded, strict=True):
             job.rows[r].decoded += n

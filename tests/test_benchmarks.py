@@ -20,3 +20,25 @@ def test_decode_speed_prints_every_row():
     for r in rows:  # tokens/s, full passes and sampler passes are numbers; joint used the sampler
         assert float(r[2]) > 0 and int(r[3]) == (8 if r[0] == "exact" else 4)
         assert int(r[4]) == (4 if r[0] == "joint" else 0)
+
+
+def test_decode_speed_kv_cache_rows():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "decode_speed.py"), "--kv-cache", "--batches", "1,2",
+         "--prompt-length", "6", "--gen-length", "8", "--block-length", "4", "--ks", "2", "--repeats", "1",
+         "--threads", "1"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, check=True).stdout
+    heads = [ln for ln in out.splitlines() if ln.startswith("batch ")]
+    assert len(heads) == 2 and all("prompt 6, block 4" in h for h in heads)
+    assert all(f"{kv}: full pass" in h and h.count("c = ") == 3 for h in heads
+               for kv in ("none", "prefix", "dual"))
+    rows = [ln.split() for ln in out.splitlines() if ln.split()[:1] in (["exact"], ["marginal"], ["joint"])]
+    want = [[m, k, kv] for m, k in (("exact", "1"), ("marginal", "2"), ("joint", "2"))
+            for kv in ("none", "prefix", "dual")]
+    assert [r[:3] for r in rows] == want * 2
+    for r in rows:  # tokens/s, passes, speed-ups are numbers; the same passes with and without a cache
+        assert float(r[3]) > 0 and int(r[4]) == (8 if r[0] == "exact" else 4)
+        assert int(r[5]) == (4 if r[0] == "joint" else 0)
+        assert float(r[6].rstrip("x")) > 0 and float(r[7].rstrip("x")) > 0
+        if r[2] == "none":
+            assert r[7] == "1.00x"

@@ -37,7 +37,7 @@ class OracleSampler(nn.Module):
     def check_backbone(self, backbone) -> None:
         assert backbone is self.bb
 
-    def forward(self, e, h, ctx):
+    def forward(self, e, h, ctx, cache=None):  # unmask_step passes a KV cache (None here)
         x = e
         for layer in self.bb.model.layers:
             x = layer(x, ctx)
@@ -207,7 +207,8 @@ def sharpened(toy, scale: float):
     return head
 
 
-def naive_threshold(bb, prompt: list[int], gen_length: int, tau: float, k: int) -> tuple[list[int], list[int]]:
+def naive_threshold(bb, prompt: list[int], gen_length: int, tau: float, k: int,
+                    ) -> tuple[list[int], list[int]]:
     """Fast-dLLM's rule written out for one row, greedy: every masked position whose top probability is
     >= tau, and the lowest-entropy one in any case, at most k (the lowest-entropy ones first)."""
     x = torch.tensor([prompt + [bb.mask_id] * gen_length])

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ray_jobs.teacher import load_prompts
+from ray_jobs.common import load_prompts
 from sampler.backbone import DEFAULT_BACKBONE, DEFAULT_JUDGE, load_backbone
 from sampler.embedded.acceptance import (
     LANGUAGE_PROMPTS,

@@ -14,9 +14,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
-from ray_jobs.generate import DEFAULTS, main, read_outputs, run_generate, scan_outputs
+from ray_jobs.generate import main, run_generate
+from ray_jobs.pipeline import read_outputs, scan_outputs
 from sampler import JointSampler, generate, load_backbone
 from sampler.testing import make_toy_backbone
 
@@ -156,8 +156,10 @@ def test_settings_mismatch_and_corrupt_part(toy, ray_cluster, tmp_path):
 
 
 def test_cli_errors_and_config_mirror(toy, tmp_path, capsys):
-    assert main(["--prompts", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")]) == 2
+    assert main(["--prompts", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o"),
+                 "--mode", "exact"]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path / "o")]) == 2  # mode joint (the default) without a sampler
+    assert "generate: sampler: mode joint needs a sampler" in capsys.readouterr().err
     assert main(["--set", "no_such_key=1"]) == 2
     assert "unknown config key" in capsys.readouterr().err
-    assert yaml.safe_load((ROOT / "configs" / "generate.yaml").read_text()) == DEFAULTS

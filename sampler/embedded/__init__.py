@@ -1,3 +1,4 @@
 """How the embedded default backbone and its judge were made: the corpus, the tokenizer, the checkable
-tasks, pretraining and the acceptance check. Not part of the method: nothing in `sampler/` outside this
-package needs it, except the evaluation's task validity (`sampler.metrics.is_correct`)."""
+tasks, pretraining (`jointgen pretrain`) and the acceptance check. Not part of the method: the rest of
+`sampler/` uses only the tasks (task validity, `sampler.metrics.is_correct`) and the tokenizer trainer
+(the test checkpoints of `sampler.testing`)."""

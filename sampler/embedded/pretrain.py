@@ -31,6 +31,7 @@ import shutil
 import signal
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -258,7 +259,7 @@ def evaluate(cfg: Config, model: Transformer, tok, val: Tensor, val_tasks) -> di
     model.eval()
     out: dict = {}
     gen = torch.Generator().manual_seed(1234)
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.autocast else _null()
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.autocast else nullcontext()
     with ctx:
         if cfg.causal:
             tot, n = 0.0, 0
@@ -283,14 +284,6 @@ def evaluate(cfg: Config, model: Transformer, tok, val: Tensor, val_tasks) -> di
             out["val_task_masked_ce"] = s["ce_sum"] / max(1, s["n_masked"])
     model.train()
     return out
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 def export(cfg: Config, model: Transformer, tok, step: int) -> None:
@@ -374,7 +367,7 @@ def train(cfg: Config) -> None:
     bar = tqdm(total=cfg.total_steps, initial=step, dynamic_ncols=True, mininterval=5, file=sys.stdout)
     ema = None
     model.train()
-    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if cfg.autocast else _null
+    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if cfg.autocast else nullcontext
     session_start = time.time()
     stop = {"signal": None}
 
