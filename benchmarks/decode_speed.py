@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 
@@ -43,8 +44,8 @@ SHAPES = {
 }
 
 
-def random_backbone(shape: str, device: str, dtype: torch.dtype) -> Backbone:
-    args = SHAPES[shape]
+def random_backbone(shape: str, device: str, dtype: torch.dtype, layers: int | None = None) -> Backbone:
+    args = SHAPES[shape] if layers is None else replace(SHAPES[shape], n_layers=layers)
     with torch.device(device):
         model = Transformer(args)
     model = model.to(dtype).eval().requires_grad_(False)
@@ -165,6 +166,13 @@ def main() -> None:
     ap.add_argument("--block-length", type=int, default=None, help="semi-autoregressive blocks")
     ap.add_argument("--kv-cache", action="store_true",
                     help="compare no cache / prefix / dual KV cache (sampler.kvcache) instead")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="with --random-shapes: this many layers (a CPU cannot run 28 of Dream-7B's)")
+    ap.add_argument("--costs-only", action="store_true",
+                    help="only the per-pass costs (full pass, sampler step, c) for each cache, no decoding")
+    ap.add_argument("--thresholds", default="",
+                    help="threshold rows, e.g. 0.9: marginal with k = block (Fast-dLLM's rule) and joint "
+                         "at each k with that threshold")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -173,7 +181,7 @@ def main() -> None:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     dtype = getattr(torch, args.dtype) if args.dtype else None
     if args.random_shapes:
-        bb = random_backbone(args.random_shapes, device, dtype or torch.bfloat16)
+        bb = random_backbone(args.random_shapes, device, dtype or torch.bfloat16, args.layers)
     else:
         bb = load_backbone(args.backbone, device=device, dtype=dtype)
     if args.sampler:
@@ -188,40 +196,56 @@ def main() -> None:
 
     for batch in map(int, args.batches.split(",")):
         prompts = make_prompts(bb, batch, args.prompt_length)
+        if args.costs_only:
+            for kv in ("none", "prefix", "dual"):
+                c = step_costs(bb, s, batch, len(prompts[0]), args.gen_length, max(3, args.repeats),
+                               args.block_length, kv)
+                print(f"batch {batch}, prompt {len(prompts[0])}, gen {args.gen_length}, block "
+                      f"{args.block_length or args.gen_length}, cache {kv}: full pass {c['full_ms']:.1f} ms, "
+                      f"sampler step {c['sampler_ms']:.1f} ms, c = {c['c']:.3f}", flush=True)
+            continue
         if args.kv_cache:
             kv_cache_table(bb, s, batch, prompts, args)
             continue
-        rows = [("exact", 1)] + [(m, k) for k in map(int, args.ks.split(",")) for m in ("marginal", "joint")]
+        ks = list(map(int, args.ks.split(",")))
+        rows = [("exact", 1, None)] + [(m, k, None) for k in ks for m in ("marginal", "joint")]
+        for tau in (float(t) for t in args.thresholds.split(",") if t):
+            rows += [("marginal", args.block_length or args.gen_length, tau)]
+            rows += [("joint", k, tau) for k in ks]
         costs, times, results = [], {row: [] for row in rows}, {}
         for _ in range(args.trials):  # interleaved: a slow spell of the machine hits every row alike
             costs.append(step_costs(bb, s, batch, len(prompts[0]), args.gen_length, max(5, args.repeats),
                                     args.block_length))
-            for mode, k in rows:
-                def run(mode=mode, k=k, prompts=prompts, results=results):
-                    results[(mode, k)] = generate(bb, prompts, sampler=s if mode == "joint" else None,
-                                                  mode=mode, k=k, gen_length=args.gen_length, seed=0,
-                                                  block_length=args.block_length)
+            for row in rows:
+                def run(row=row, prompts=prompts, results=results):
+                    mode, k, tau = row
+                    results[row] = generate(bb, prompts, sampler=s if mode == "joint" else None,
+                                            mode=mode, k=k, threshold=tau, gen_length=args.gen_length,
+                                            seed=0, block_length=args.block_length)
 
-                times[(mode, k)].append(time_it(run, args.repeats, bb.device))
+                times[row].append(time_it(run, args.repeats, bb.device))
         cost = {key: statistics.median(c[key] for c in costs) for key in costs[0]}
         print(f"\nbatch {batch} (median of {args.trials} trial(s)): full pass {cost['full_ms']:.2f} ms, "
               f"sampler step {cost['sampler_ms']:.2f} ms, "
               f"read-out at {(args.block_length or args.gen_length) // 2} candidates "
               f"{cost['readout_ms']:.2f} ms: "
               f"c = {cost['c']:.3f}, c_step = {cost['c_step']:.3f}")
-        print(f"{'mode':<9}{'k':>3}{'tok/s':>10}{'full':>6}{'samp':>6}{'speed-up':>10}{'ideal':>8}"
-              f"{'of ideal':>10}{'of ideal(step)':>16}")
+        print(f"{'mode':<9}{'k':>3}{'tau':>5}{'tok/pass':>9}{'tok/s':>10}{'full':>6}{'samp':>6}{'speed-up':>10}"
+              f"{'ideal':>8}{'of ideal':>10}{'of ideal(step)':>16}")
         base = None
-        for mode, k in rows:
-            r = results[(mode, k)]
-            tps = r.decoded_tokens / statistics.median(times[(mode, k)])
+        for mode, k, tau in rows:
+            r = results[(mode, k, tau)]
+            tps = r.decoded_tokens / statistics.median(times[(mode, k, tau)])
             base = base or tps
-            if mode == "joint":
+            if tau is not None:  # the ideal of a threshold row is its own tokens per pass
+                ideal = ideal_step = r.tokens_per_pass
+            elif mode == "joint":
                 ideal, ideal_step = (k / (1 + (k - 1) * cost[c]) for c in ("c", "c_step"))
             else:
                 ideal = ideal_step = float(k)
             up = tps / base
-            print(f"{mode:<9}{k:>3}{tps:>10.0f}{r.full_passes:>6}{r.sampler_passes:>6}{up:>9.2f}x{ideal:>7.2f}x"
+            print(f"{mode:<9}{k:>3}{'-' if tau is None else tau:>5}{r.tokens_per_pass:>9.2f}{tps:>10.0f}"
+                  f"{r.full_passes:>6}{r.sampler_passes:>6}{up:>9.2f}x{ideal:>7.2f}x"
                   f"{up / ideal:>9.0%}{up / ideal_step:>15.0%}")
 
 

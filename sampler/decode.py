@@ -323,25 +323,38 @@ def generate(
     )
 
 
+def encode_text(backbone: Backbone, text: str) -> list[int]:
+    """Token ids of a text prompt, BOS first (added when the tokenizer does not put it there)."""
+    if backbone.tokenizer is None:
+        raise ValueError(f"backbone {backbone.name!r} has no tokenizer: give token ids, not text")
+    ids = list(backbone.tokenizer(text, add_special_tokens=False)["input_ids"])
+    if backbone.bos_id is not None and (not ids or ids[0] != backbone.bos_id):
+        ids = [backbone.bos_id] + ids
+    return ids
+
+
+def encode_chat(backbone: Backbone, messages: Sequence[dict]) -> list[int]:
+    """Token ids of a conversation through the tokenizer's chat template (rendered as text, then
+    tokenized like any text prompt, so BOS is handled one way); ValueError when the model has no
+    template or the template refuses the conversation."""
+    tok = backbone.tokenizer
+    if tok is None or not getattr(tok, "chat_template", None):
+        raise ValueError(f"backbone {backbone.name!r} has no chat template: use text prompts")
+    try:
+        text = tok.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+    except Exception as e:  # the template refuses this conversation (e.g. role order)
+        raise ValueError(f"the model's chat template refused the messages: {e}") from None
+    return encode_text(backbone, text)
+
+
 def encode_prompts(backbone: Backbone, texts: Sequence[str] | None = None, *, n: int | None = None,
                    chat: bool = False) -> list[list[int]]:
-    """Token ids for text prompts (BOS first), chat messages through the tokenizer's chat template when
+    """Token ids for text prompts (BOS first), each as one user message through the chat template when
     `chat`, or `n` unconditional prompts ([BOS])."""
     if texts is None:
         if n is None or backbone.bos_id is None:
             raise ValueError("unconditional prompts need n and a backbone with a BOS token")
         return [[backbone.bos_id] for _ in range(n)]
-    tok = backbone.tokenizer
-    out = []
-    for t in texts:
-        if chat:
-            ids = tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
-                                          tokenize=True)
-            ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # BatchEncoding is no dict
-        else:
-            ids = tok(t, add_special_tokens=False)["input_ids"]
-            if backbone.bos_id is not None and (not ids or ids[0] != backbone.bos_id):
-                ids = [backbone.bos_id] + ids
-        out.append(list(ids))
-    return out
-
+    if chat:
+        return [encode_chat(backbone, [{"role": "user", "content": t}]) for t in texts]
+    return [encode_text(backbone, t) for t in texts]

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from sampler.decode import candidates, pack_rows, unmask_step
+from sampler.decode import candidates, encode_chat, encode_text, pack_rows, unmask_step
 from sampler.kvcache import BlockKVCache
 from sampler.settings import DecodeSettings, Mode
 from serve.api import ApiError, validation_error
@@ -213,33 +213,19 @@ class Engine:
     # ---- request -> job ------------------------------------------------------------------------------
 
     def encode(self, request: dict[str, Any]) -> tuple[list[list[int]], str]:
-        """Token ids of each prompt (BOS first), and the name of the field they came from."""
-        tok, b = self.backbone.tokenizer, self.backbone
-        if tok is None:
+        """Token ids of each prompt (one path with the library: `sampler.decode.encode_text/_chat`), and
+        the name of the field they came from."""
+        if self.backbone.tokenizer is None:
             raise ApiError(400, "this model has no tokenizer; text requests are not possible",
                            code="no_tokenizer")
         if request["kind"] == "chat":
-            if not getattr(tok, "chat_template", None):
-                raise ApiError(400, "messages: this model has no chat template; use /v1/completions",
-                               param="messages", code="no_chat_template")
             try:
-                text = tok.apply_chat_template(request["messages"], add_generation_prompt=True,
-                                               tokenize=False)
-            except Exception as e:  # the template refuses this conversation (e.g. role order)
-                raise ApiError(400, f"messages: the model's chat template refused them: {e}",
-                               param="messages", code="invalid_value") from None
-            ids = list(tok(text, add_special_tokens=False)["input_ids"])
-            if b.bos_id is not None and (not ids or ids[0] != b.bos_id):
-                ids = [b.bos_id] + ids
-            return [ids], "messages"
-        prompts = request["prompt"]
-        out = []
-        for text in [prompts] if isinstance(prompts, str) else prompts:
-            ids = list(tok(text, add_special_tokens=False)["input_ids"])
-            if b.bos_id is not None and (not ids or ids[0] != b.bos_id):
-                ids = [b.bos_id] + ids
-            out.append(ids)
-        return out, "prompt"
+                return [encode_chat(self.backbone, request["messages"])], "messages"
+            except ValueError as e:
+                code = "no_chat_template" if "no chat template" in str(e) else "invalid_value"
+                raise ApiError(400, f"messages: {e}", param="messages", code=code) from None
+        texts = [request["prompt"]] if isinstance(request["prompt"], str) else request["prompt"]
+        return [encode_text(self.backbone, t) for t in texts], "prompt"
 
     def prepare(self, request: dict[str, Any], loop: asyncio.AbstractEventLoop) -> Job:
         """Validate a request against the served model and the limits; raise ApiError naming the field."""
