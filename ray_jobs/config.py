@@ -305,7 +305,8 @@ class GenerateConfig(JobConfig):
 
 
 class EvaluateConfig(JobConfig):
-    """`jointgen evaluate` (ray_jobs/evaluate.py): quality against speed of exact / marginal / joint."""
+    """`jointgen evaluate` (ray_jobs/evaluate.py): quality against speed of exact / marginal / joint, at
+    fixed k and with confidence thresholds."""
 
     job: ClassVar[str] = "evaluate"
     backbone: str | None = None  # None = the embedded backbone
@@ -313,18 +314,23 @@ class EvaluateConfig(JobConfig):
     sampler: str | None = None  # joint sampler dir (required for joint rows)
     judge: str | None = "auto"  # auto = the embedded judge if present and of the backbone's vocabulary
     judge_backend: Literal["torch", "vllm", "auto"] = "torch"  # auto = vllm when it imports
-    ks: list[Count] = Field([1, 2, 4, 8], min_length=1)
-    methods: list[Literal["marginal", "joint"]] = ["marginal", "joint"]  # against exact at every k > 1
+    ks: list[Count] = Field([1, 2, 4, 8], min_length=1)  # fixed k of the marginal and joint sets
+    # families: marginal@k, joint@k (k in ks); threshold (marginal, tau in thresholds, at most threshold_k
+    # per pass); hybrid (joint with tau, k in hybrid_ks). The last two run only when thresholds is non-empty.
+    methods: list[Literal["marginal", "joint", "threshold", "hybrid"]] = ["marginal", "joint", "threshold",
+                                                                         "hybrid"]
+    thresholds: list[Annotated[float, Field(gt=0, le=1)]] = [0.9, 0.7, 0.5]  # confidence taus; [] = none
+    threshold_k: Annotated[int, Field(strict=True, ge=2)] = 8  # the most tokens per pass of a threshold set
+    hybrid_ks: list[Annotated[int, Field(strict=True, ge=2)]] = [4, 8]  # k of the joint+threshold sets
     # language: unconditional samples (or a prompt file), fixed length
     num_samples: Int = Field(256, ge=10)  # per set; MAUVE needs at least 10
     language_prompts: str | None = None  # JSONL / Parquet; None = unconditional
     gen_length: Count = 48
-    # decoding of every set (checked by DecodeSettings); threshold applies to marginal and joint sets
+    # decoding of every set (checked by DecodeSettings)
     temperature: float = 1.0
     top_p: float = 1.0
     policy: Policy = "entropy"
     block_length: int | None = None
-    threshold: float | None = None
     kv_cache: KVCache = "none"
     seed: Int = 0
     reference_seed: Int = 100003  # the second exact draw: MAUVE's reference
@@ -351,20 +357,35 @@ class EvaluateConfig(JobConfig):
     ray_num_cpus: Count | None = None
     progress: bool = True
 
-    def decode(self, mode: str, k: int, *, task: bool) -> DecodeSettings:
+    def decode(self, mode: str, k: int, *, task: bool, threshold: float | None = None) -> DecodeSettings:
         """The decoding of one set: language samples run to gen_length, task answers stop at EOS."""
-        return decode_settings(self, mode=mode, k=k, stop_at_eos=task,
-                               temperature=self.task_temperature if task else self.temperature,
-                               threshold=None if mode == "exact" else self.threshold)
+        return decode_settings(self, mode=mode, k=k, stop_at_eos=task, threshold=threshold,
+                               temperature=self.task_temperature if task else self.temperature)
+
+    @property
+    def sweeps(self) -> dict[str, list[tuple[int, float]]]:
+        """(k, tau) of the threshold sets ("threshold": marginal, "hybrid": joint) that run."""
+        taus = sorted(set(self.thresholds), reverse=True)  # the surest (slowest) first
+        return {"threshold": [(self.threshold_k, t) for t in taus] if "threshold" in self.methods else [],
+                "hybrid": [(k, t) for t in taus for k in sorted(set(self.hybrid_ks))]
+                if "hybrid" in self.methods else []}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, values: Any) -> Any:
+        if isinstance(values, Mapping) and "threshold" in values:
+            raise ValueError("threshold: replaced by `thresholds` (a list of taus, swept beside fixed k), "
+                             "`threshold_k` and `hybrid_ks`")
+        return values
 
     @model_validator(mode="after")
     def _consistent(self) -> EvaluateConfig:
-        self.decode(self.methods[0] if self.methods else "exact", max(self.ks), task=False)
+        self.decode("marginal", max(self.ks), task=False)
         try:
             self.decode("exact", 1, task=True)
         except ValueError as e:  # its only own value is task_temperature
             raise ValueError(f"task_{e}") from None
-        if "joint" in self.methods and not self.sampler:
+        if ("joint" in self.methods or self.sweeps["hybrid"]) and not self.sampler:
             raise ValueError("sampler: joint rows need a sampler directory (from `jointgen train`)")
         if self.judge_feature_layer != -1 and self.judge_feature_layer < 1:
             raise ValueError(f"judge_feature_layer: -1 (the last layer) or a block number >= 1, got "
@@ -394,7 +415,7 @@ class QuickstartConfig(JobConfig):
         "val_every": 150, "checkpoint_every": 150, "val_windows_per_depth": 64,
     }
     evaluate: dict[str, Any] = {"ks": [1, 2, 4, 8], "num_samples": 2000, "task_prompts": 300,
-                                "batch_size": 100}
+                                "batch_size": 100, "thresholds": [0.9], "hybrid_ks": [4]}  # a small sweep
     ray_address: str | None = None  # None = RAY_ADDRESS or a local cluster
     ray_num_cpus: Count | None = None
     progress: bool = True

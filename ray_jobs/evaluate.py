@@ -1,9 +1,14 @@
-"""Evaluation: quality against speed of exact, marginal@k and joint@k decoding (`jointgen evaluate`).
+"""Evaluation: quality against speed of exact, marginal@k, joint@k and confidence-threshold decoding
+(`jointgen evaluate`): the quality / speed frontier of every family in one run.
 
-Same prompts and seeds for every method. Samples come from the batch-generation pipeline (Ray Data actor
-pool, resumable: rerun with the same `out` and only missing samples are generated); scoring runs on a
-pool of Ray actors (the judge and the sentence encoder load once per actor). Per row, with standard
-errors and sample counts:
+Sets: exact; marginal@k and joint@k for k in `ks`; for each tau in `thresholds`, "threshold" (marginal
+decoding with Fast-dLLM's rule, at most `threshold_k` tokens per full pass) and "joint+threshold" (the sure
+tokens from the full pass, then the sampler fills up to k, for k in `hybrid_ks`). Same prompts and seeds
+for every set.
+
+Samples come from the batch-generation pipeline (Ray Data actor pool, resumable: rerun with the same `out`
+and only missing samples are generated); scoring runs on a pool of Ray actors (the judge and the sentence
+encoder load once per actor). Per row, with standard errors and sample counts:
 
 - NLL per token under an autoregressive judge, and the share of the exact-vs-marginal gap the sampler
   recovers, (NLL_marginal - NLL_joint) / (NLL_marginal - NLL_exact), beside the paper's 41% at k=4;
@@ -11,10 +16,12 @@ errors and sample counts:
   noise floor), on judge features (hidden states of one judge block, mean-pooled) and MiniLM sentence
   embeddings;
 - task validity on the embedded backbone's checkable tasks (one prompt set, stop at EOS);
-- speed: tokens per full pass, full passes, sampler passes, wall time and tokens/s, all from this run;
-- held-out sampler KL / top-1 agreement per unroll depth (from the train job's summary).
-Writes report.md, results.json and PNG plots (quality against tokens/s, one curve per method, points
-labelled by k) under `out`.
+- speed: tokens per full pass (measured per sample), full passes, sampler passes, wall time and
+  tokens/s, all from this run;
+- held-out sampler KL / top-1 agreement per unroll depth (from the train job's summary);
+- the verdicts: joint against marginal at each fixed k, and the best family at each measured speed.
+Writes report.md, results.json and PNG plots (quality against tokens/s and against tokens per full pass,
+one line per family, points labelled by k / tau) under `out`.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from ray_jobs.report import (
     plot,
     speed_of,
     verdict,
+    verdict_by_speed,
 )
 from sampler import metrics
 
@@ -51,13 +59,18 @@ from sampler import metrics
 # ---------------------------------------------------------------------------------------------------
 
 
-def set_name(kind: str, method: str, k: int) -> str:
-    return f"{kind}-{method}" if method.startswith("exact") else f"{kind}-{method}-k{k}"
+def set_name(kind: str, method: str, k: int, threshold: float | None = None) -> str:
+    """The set's directory under samples/ (stable: a rerun resumes it): lang-exact, lang-joint-k4,
+    lang-threshold-k8-t0.9 (marginal with a threshold), task-joint-k4-t0.9 (joint with a threshold)."""
+    if method.startswith("exact"):
+        return f"{kind}-{method}"
+    return f"{kind}-{method}-k{k}" + ("" if threshold is None else f"-t{threshold:g}")
 
 
 def plan_sets(cfg: EvaluateConfig, kind: str) -> dict[str, SampleSet]:
-    """Every method x k for one prompt kind ("lang" or "task"); k=1 is exact for every method. Language
-    samples have a second exact draw (another seed): MAUVE's reference."""
+    """Every fixed-k method x k for one prompt kind ("lang" or "task"), k=1 being exact for every method,
+    then the threshold sweep (`EvaluateConfig.sweeps`). Language samples have a second exact draw (another
+    seed): MAUVE's reference."""
     task = kind == "task"
     length = cfg.task_gen_length if task else cfg.gen_length
     sets = {set_name(kind, "exact", 1): SampleSet(cfg.decode("exact", 1, task=task), length, cfg.seed)}
@@ -67,7 +80,12 @@ def plan_sets(cfg: EvaluateConfig, kind: str) -> dict[str, SampleSet]:
     for k in sorted(set(cfg.ks)):
         if k > 1:
             for m in cfg.methods:
-                sets[set_name(kind, m, k)] = SampleSet(cfg.decode(m, k, task=task), length, cfg.seed)
+                if m in ("marginal", "joint"):
+                    sets[set_name(kind, m, k)] = SampleSet(cfg.decode(m, k, task=task), length, cfg.seed)
+    for method, mode, label in (("threshold", "marginal", "threshold"), ("hybrid", "joint", "joint")):
+        for k, tau in cfg.sweeps[method]:
+            sets[set_name(kind, label, k, tau)] = SampleSet(cfg.decode(mode, k, task=task, threshold=tau),
+                                                            length, cfg.seed)
     return sets
 
 
@@ -88,7 +106,7 @@ def resolve_judge(judge: str | None, backbone: str | None) -> str | None:
 
 
 def trained_on_tasks(backbone: str | None) -> bool:
-    """The embedded backbone (its config records `embedded_pretrain`) learnt the sampler.tasks tasks."""
+    """The embedded backbone (its config records `embedded_pretrain`) learnt sampler.embedded.tasks."""
     cfg = backbone_path(backbone) / "config.json"
     return cfg.exists() and "embedded_pretrain" in json.loads(cfg.read_text())
 
@@ -297,6 +315,7 @@ def run_evaluate(config: EvaluateConfig | dict[str, Any] | None = None, log: Cal
         "batch_size": cfg.batch_size, "ks": cfg.ks, "rows": rows, "gap_recovered": gap_table(rows),
         "paper": PAPER, "exact_reference_nll": metrics.mean_se(ref["nll"]) if "nll" in ref else None,
         "verdict": verdict(rows, [k for k in (4, 8) if k in cfg.ks]),
+        "verdict_by_speed": verdict_by_speed(rows),  # the frontier: every family, threshold sets included
         "depth_metrics": depth_from_summary(cfg.train_summary),
         "task_breakdown": breakdown, "task_tasks": sorted({t for per in breakdown.values() for t in per}),
         "errors": errors, "wall_s": time.perf_counter() - t0, "config": cfg.model_dump(),
@@ -314,7 +333,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", help="backbone checkpoint dir (default: the embedded backbone)")
     p.add_argument("--sampler", help="joint sampler dir (from `jointgen train`)")
     p.add_argument("--judge", help="causal LM judge dir; 'auto' = the embedded judge; 'none' = skip")
-    p.add_argument("--ks", type=lambda s: [int(x) for x in s.split(",")], help="e.g. 1,2,4,8")
+    p.add_argument("--ks", type=lambda s: [int(x) for x in s.split(",")], help="fixed k, e.g. 1,2,4,8")
+    p.add_argument("--thresholds", type=lambda s: [float(x) for x in s.split(",") if x.strip()],
+                   help="confidence thresholds swept beside fixed k, e.g. 0.9,0.7,0.5 ('' = none)")
+    p.add_argument("--threshold-k", type=int, help="the most tokens per full pass of a threshold set")
+    p.add_argument("--hybrid-ks", type=lambda s: [int(x) for x in s.split(",") if x.strip()],
+                   help="k of the joint+threshold sets, e.g. 4,8 ('' = none)")
     p.add_argument("--num-samples", type=int, help="language samples per set")
     p.add_argument("--train-summary", help="run_train's summary.json (held-out KL per depth)")
     p.add_argument("--out", "-o", help="output directory (rerun with the same one to resume)")

@@ -1,7 +1,8 @@
 """`jointgen quickstart`: the whole method on the embedded backbone, one command, no network.
 
     teacher trajectories (exact decoding on Ray actors)  ->  sampler training (Ray Train)
-      ->  evaluation at k = 1, 2, 4, 8 (Ray Data generation + scoring actors)  ->  table + plots
+      ->  evaluation at k = 1, 2, 4, 8 and a small threshold sweep (Ray Data generation + scoring actors)
+      ->  table + plots
 
 Every artefact lands under one output directory (`out`, default runs/quickstart):
 teacher/ (shards + manifest), train/ (checkpoints, metrics.jsonl, sampler/), evaluate/ (samples, report.md,
@@ -73,7 +74,8 @@ def run_stages(cfg: QuickstartConfig, log: Callable) -> tuple[dict, dict, dict, 
 
     t0 = time.perf_counter()
     ecfg = cfg.evaluate_config()
-    log(f"quickstart [3/3] evaluate: exact, marginal and joint at k={ecfg.ks} -> {ecfg.out}")
+    log(f"quickstart [3/3] evaluate: exact, marginal and joint at k={ecfg.ks}, thresholds {ecfg.thresholds} "
+        f"(threshold k={ecfg.threshold_k}, joint+threshold k={ecfg.hybrid_ks}) -> {ecfg.out}")
     result = run_evaluate(ecfg, log=log)
     times["evaluate_s"] = time.perf_counter() - t0
     log(f"quickstart [3/3] evaluate done in {_fmt_s(times['evaluate_s'])}")

@@ -1,6 +1,7 @@
-"""The evaluation report: rows per method and k, the share of the NLL gap recovered, the verdict against
-the marginal baseline, report.md, results.json and the PNG plots (`ray_jobs.evaluate` computes the numbers
-these are made of)."""
+"""The evaluation report: rows per method family, k and confidence threshold, the share of the NLL gap
+recovered, the verdicts (the sampler against the marginal baseline at fixed k; the best family at each
+measured speed), report.md, results.json and the PNG plots (`ray_jobs.evaluate` computes the numbers these
+are made of)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import numpy as np
 
 from ray_jobs.pipeline import SampleSet
 from sampler import metrics
+from sampler.settings import DecodeSettings
 
 PAPER = {"k": 4, "nll_marginal": 6.52, "nll_joint": 5.58, "nll_exact": 4.25, "gap_recovered": 0.41,
          "source": "ADJUST (arXiv 2509.22738), Dream-7B"}
@@ -33,6 +35,7 @@ def speed_of(table) -> dict:
         "n": len(rows), "tokens": tokens, "wall_s": wall,
         "tokens_per_s": tokens / wall if wall else float("nan"),
         "tokens_per_full_pass": float(np.mean([r["tokens_per_pass"] for r in rows])),
+        "tokens_per_full_pass_se": metrics.mean_se([r["tokens_per_pass"] for r in rows])["se"],
         "full_passes_per_sample": float(np.mean([r["full_passes"] for r in rows])),
         "batch_full_passes": full, "batch_sampler_passes": sum(b["sampler"] for b in batches.values()),
         "sampler_passes_per_full_pass": sum(b["sampler"] for b in batches.values()) / full if full else 0.0,
@@ -69,16 +72,42 @@ QUALITY = [  # key, label, higher is better
     ("mauve_hf", "MAUVE (HF LM features)", True),
     ("task_validity", "task validity", True),
 ]
+# a row's `method` is its family: threshold = marginal decoding with a confidence threshold (Fast-dLLM),
+# joint+threshold = joint decoding with one (the hybrid)
+FAMILIES = ("exact", "marginal", "joint", "threshold", "joint+threshold")
+
+
+def family(settings: DecodeSettings) -> str:
+    if settings.threshold is None:
+        return settings.mode
+    return "threshold" if settings.mode == "marginal" else "joint+threshold"
+
+
+def speed_keys(key: str) -> tuple[str, str]:
+    """(tokens/s, tokens per full pass) a quality measure is set against: task validity comes from the
+    task sets, the rest from the language sets."""
+    return ("task_tokens_per_s", "task_tokens_per_full_pass") if key == "task_validity" else \
+        ("tokens_per_s", "tokens_per_full_pass")
+
+
+def point_label(r: dict) -> str:
+    """A row's k / tau, as the plots and the verdict name it."""
+    if r["method"] == "exact":
+        return "exact"
+    if r.get("threshold") is None:
+        return f"k={r['k']}"
+    return f"τ={r['threshold']:g}" if r["method"] == "threshold" else f"k={r['k']} τ={r['threshold']:g}"
 
 
 def build_rows(lang: dict[str, SampleSet], speeds: dict, scores: dict, validity: dict) -> list[dict]:
     """One row per language set (the exact reference draw aside): speed, judge NLL, MAUVE, and the task
-    validity of the task set of the same method and k."""
+    validity of the task set of the same decoding."""
     rows = []
     for name, s in lang.items():
         if name.endswith("exact-ref"):
             continue
-        row: dict[str, Any] = {"method": s.settings.mode, "k": s.settings.k, "set": name, **speeds[name]}
+        row: dict[str, Any] = {"method": family(s.settings), "mode": s.settings.mode, "k": s.settings.k,
+                               "threshold": s.settings.threshold, "set": name, **speeds[name]}
         sc = scores.get(name, {})
         if "nll" in sc:
             row["nll"] = metrics.mean_se(sc["nll"])
@@ -89,11 +118,12 @@ def build_rows(lang: dict[str, SampleSet], speeds: dict, scores: dict, validity:
         if tname in validity:
             row["task_validity"] = validity[tname]
             row["task_tokens_per_s"] = speeds.get(tname, {}).get("tokens_per_s")
+            row["task_tokens_per_full_pass"] = speeds.get(tname, {}).get("tokens_per_full_pass")
         rows.append(row)
     exact_speed = next(r["tokens_per_s"] for r in rows if r["method"] == "exact")
     for r in rows:
         r["speedup"] = r["tokens_per_s"] / exact_speed if exact_speed else float("nan")
-    rows.sort(key=lambda r: (r["method"] != "exact", r["method"], r["k"]))
+    rows.sort(key=lambda r: (FAMILIES.index(r["method"]), r["k"], -(r["threshold"] or 0.0)))
     return rows
 
 
@@ -135,6 +165,52 @@ def verdict(rows: list[dict], ks: list[int]) -> dict[str, dict]:
     return out
 
 
+def verdict_by_speed(rows: list[dict]) -> dict[str, Any]:
+    """At the measured speed of each set (tokens/s; task validity: that of its task set), for each quality
+    measure: the best point among the sets at least as fast, its family, and whether it beats the best point
+    of every other family at that speed by more than the error bars (`beyond_error_bars` against the
+    runner-up family; None when no other family is that fast). `exact_separates`: whether exact beats the
+    worst point beyond the error bars; a measure on which it does not cannot rank anything at this size."""
+    ex = next((r for r in rows if r["method"] == "exact"), None)
+    points = [r for r in rows if r["method"] != "exact"]
+    keys = [(key, hib) for key, _, hib in QUALITY if any(key in r for r in points)]
+
+    def scored(key: str) -> list[dict]:
+        speed = speed_keys(key)[0]
+        return [r for r in points if key in r and r.get(speed) is not None
+                and math.isfinite(r[key].get("mean", float("nan")))]
+
+    def ranked(pool: list[dict], key: str, hib: bool) -> list[dict]:
+        return sorted(pool, key=lambda r: -r[key]["mean"] if hib else r[key]["mean"])
+
+    sep = {}
+    for key, hib in keys:
+        pool = ranked(scored(key), key, hib)
+        sep[key] = beats(ex.get(key), pool[-1][key], hib) if ex and pool else None
+    levels = []
+    for level in sorted(points, key=lambda r: r["tokens_per_s"]):
+        measures = {}
+        for key, hib in keys:
+            speed = speed_keys(key)[0]
+            if level.get(speed) is None:
+                continue
+            best_of: dict[str, dict] = {}  # family -> its best point at least as fast as this level
+            for r in ranked([r for r in scored(key) if r[speed] >= level[speed]], key, hib):
+                best_of.setdefault(r["method"], r)
+            if not best_of:
+                continue
+            best, *others = best_of.values()
+            runner = others[0] if others else None
+            measures[key] = {"best": best["set"], "family": best["method"], "point": point_label(best),
+                             "runner_up": runner["set"] if runner else None,
+                             "runner_up_family": runner["method"] if runner else None,
+                             "beyond_error_bars": beats(best[key], runner[key], hib) if runner else None}
+        levels.append({"set": level["set"], "method": level["method"], "point": point_label(level),
+                       "tokens_per_s": level["tokens_per_s"],
+                       "tokens_per_full_pass": level["tokens_per_full_pass"], "measures": measures})
+    return {"levels": levels, "exact_separates": sep}
+
+
 # ---------------------------------------------------------------------------------------------------
 # Report: Markdown, JSON, plots
 # ---------------------------------------------------------------------------------------------------
@@ -152,6 +228,7 @@ def markdown(result: dict) -> str:
     """report.md: the main table, then the sections that have data."""
     out = _main_table(result)
     out += _gap_section(result["gap_recovered"]) + _verdict_section(result["verdict"])
+    out += _speed_verdict_section(result.get("verdict_by_speed"))
     out += _depth_section(result.get("depth_metrics")) + _task_section(result)
     out += [f"Plots: {', '.join(result['plots'])}", ""]
     return "\n".join(out)
@@ -161,12 +238,15 @@ def _main_table(result: dict) -> list[str]:
     rows = result["rows"]
     layer = result.get("config", {}).get("judge_feature_layer", -1)
     present = [(key, label) for key, label, _ in QUALITY if any(key in r for r in rows)]
-    head = ["method", "k", "tok/full pass", "full passes", "sampler/full pass", "wall s", "tok/s", "speedup"]
+    head = ["method", "k", "τ", "tok/full pass", "full passes", "sampler/full pass", "wall s", "tok/s",
+            "speedup"]
     head += [label for _, label in present] + ["n"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["method"], str(r["k"]), f"{r['tokens_per_full_pass']:.2f}",
-                 f"{r['full_passes_per_sample']:.1f}", f"{r['sampler_passes_per_full_pass']:.2f}",
+        tpp = {"mean": r["tokens_per_full_pass"], "se": r.get("tokens_per_full_pass_se")}
+        cells = [r["method"], str(r["k"]), "-" if r.get("threshold") is None else f"{r['threshold']:g}",
+                 _fmt(tpp, 2), f"{r['full_passes_per_sample']:.1f}",
+                 f"{r['sampler_passes_per_full_pass']:.2f}",
                  f"{r['wall_s']:.1f}", f"{r['tokens_per_s']:.0f}", f"{r['speedup']:.2f}x"]
         cells += [_fmt(r.get(key)) for key, _ in present]
         n = str(r["n"]) + (f" (+{r['task_validity']['n']} task)" if "task_validity" in r else "")
@@ -177,7 +257,10 @@ def _main_table(result: dict) -> list[str]:
             f"prompts and seeds for every method); the `exact` row's MAUVE is exact against a second exact "
             "draw: the ceiling. ± is a standard error (MAUVE: spread over k-means seeds). Judge features: "
             f"{features}, mean-pooled over the generated tokens. Speed: measured in this run, batch "
-            f"{result['batch_size']}.", "", *lines, ""]
+            f"{result['batch_size']}. `threshold`: marginal decoding with confidence threshold τ (every "
+            "candidate of the block whose top probability is >= τ, at least one, at most k per full pass); "
+            "`joint+threshold`: the sure ones from the full pass, then the sampler fills up to k.",
+            "", *lines, ""]
 
 
 def _gap_section(gaps: dict[str, dict]) -> list[str]:
@@ -207,6 +290,32 @@ def _verdict_section(verdicts: dict[str, dict]) -> list[str]:
         out.append(f"- k={k}: {'BEATS' if v['all'] else 'does not beat'} marginal on every measure that "
                    f"separates exact from marginal ({items}); {v['speedup_vs_exact']:.2f}x the speed "
                    "of exact")
+    return out + [""]
+
+
+def _speed_verdict_section(v: dict | None) -> list[str]:
+    if not v or not v["levels"]:
+        return []
+    keys = [(key, label) for key, label, _ in QUALITY if key in v["exact_separates"]]
+    out = ["## Best family at each measured speed", "",
+           "At the speed of each set: the best point on each measure among the sets at least as fast "
+           "(task validity: at the speed of the task sets). ✓ = it beats the best point of every other "
+           "family that fast beyond the error bars, ≈ = within them, no mark = no other family that fast.",
+           "",
+           "| at the speed of | tok/s | tok/full pass | " + " | ".join(label for _, label in keys) + " |",
+           "|---|---|---|" + "---|" * len(keys)]
+    for lv in v["levels"]:
+        cells = []
+        for key, _ in keys:
+            m = lv["measures"].get(key)
+            mark = {True: " ✓", False: " ≈", None: ""}[m["beyond_error_bars"]] if m else ""
+            cells.append(f"{m['family']} {m['point']}{mark}" if m else "-")
+        out.append(f"| {lv['method']} {lv['point']} | {lv['tokens_per_s']:.0f} | "
+                   f"{lv['tokens_per_full_pass']:.2f} | " + " | ".join(cells) + " |")
+    blind = [label for key, label in keys if v["exact_separates"][key] is False]
+    if blind:
+        out += ["", f"Exact does not beat the worst point beyond the error bars on: {', '.join(blind)}; "
+                "those columns cannot rank the families at this sample size."]
     return out + [""]
 
 
@@ -240,15 +349,20 @@ def plot(result: dict, out: Path) -> list[str]:
 
     matplotlib.use("Agg")
     files = []
-    if _plot_quality(result, out / "quality_vs_speed.png"):
-        files.append("quality_vs_speed.png")
+    for axis, name in enumerate(("quality_vs_speed.png", "quality_vs_tokens_per_pass.png")):
+        if _plot_quality(result, out / name, axis):
+            files.append(name)
     if _plot_depth(result.get("depth_metrics"), out / "depth_metrics.png"):
         files.append("depth_metrics.png")
     return files
 
 
-def _plot_quality(result: dict, path: Path) -> bool:
-    """Each quality measure against tokens/s, one curve per method (exact at k=1 on both)."""
+PLOT_STYLES = {"marginal": "s--", "joint": "o-", "threshold": "^:", "joint+threshold": "D-."}
+
+
+def _plot_quality(result: dict, path: Path, axis: int) -> bool:
+    """Each quality measure against tokens/s (axis 0) or tokens per full pass (axis 1), one line per
+    method family, points labelled by k / τ; the fixed-k lines start at exact (k=1)."""
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
@@ -257,23 +371,31 @@ def _plot_quality(result: dict, path: Path) -> bool:
         return False
     fig, axes = plt.subplots(1, len(present), figsize=(4.6 * len(present), 4), squeeze=False)
     for ax, (key, label, hib) in zip(axes[0], present, strict=True):
-        speed_key = "task_tokens_per_s" if key == "task_validity" else "tokens_per_s"
-        for method, style in (("marginal", "s--"), ("joint", "o-")):
-            pts = sorted((r for r in rows if r["method"] in (method, "exact") and key in r),
-                         key=lambda r: r["k"])
-            if len(pts) < 2:
+        speed_key, lang_key = speed_keys(key)[axis], speed_keys("nll")[axis]
+        x_of = {r["set"]: r.get(speed_key) or r[lang_key] for r in rows}  # no task set: language speed
+        for method, style in PLOT_STYLES.items():
+            with_exact = ("exact",) if method in ("marginal", "joint") else ()
+            pts = sorted((r for r in rows if r["method"] in (method, *with_exact) and key in r),
+                         key=lambda r: x_of[r["set"]])
+            if len(pts) < 1 + len(with_exact):
                 continue
-            xs = [r.get(speed_key) or r["tokens_per_s"] for r in pts]
+            xs = [x_of[r["set"]] for r in pts]
             ys = [r[key]["mean"] for r in pts]
             es = [r[key].get("se") or 0.0 for r in pts]
             ax.errorbar(xs, ys, yerr=es, fmt=style, capsize=3, label=method)
             for x, y, r in zip(xs, ys, pts, strict=True):
-                ax.annotate(f"k={r['k']}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        ax.set_xlabel("tokens / s (this run)")
+                if r["method"] != "exact":
+                    ax.annotate(point_label(r), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ex = next((r for r in rows if r["method"] == "exact" and key in r), None)
+        if ex is not None:
+            ax.errorbar([x_of[ex["set"]]], [ex[key]["mean"]], yerr=[ex[key].get("se") or 0.0], fmt="k*",
+                        markersize=11, capsize=3, label="exact", zorder=3)
+        ax.set_xlabel("tokens / s (this run)" if axis == 0 else "tokens per full pass (measured)")
         ax.set_ylabel(label + (" (higher is better)" if hib else " (lower is better)"))
         ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"Quality vs speed: {result['backbone']['name']}")
+        ax.legend(fontsize=8)
+    what = "speed" if axis == 0 else "tokens per full pass"
+    fig.suptitle(f"Quality vs {what}: {result['backbone']['name']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -188,8 +188,8 @@ def extract_answer_number(text: str) -> float | None:
 
 
 def is_correct(example: dict, answer: str) -> bool:
-    """A checkable answer: an embedded task (`task` names one in sampler.tasks) or a benchmark row with a
-    reference `answer` (GSM8K-style: its final number must equal the generated text's)."""
+    """A checkable answer: an embedded task (`task` names one in sampler.embedded.tasks) or a benchmark
+    row with a reference `answer` (GSM8K-style: its final number must equal the generated text's)."""
     from sampler.embedded.tasks import TASKS, validate
 
     if example.get("task") in TASKS:

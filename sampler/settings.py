@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 Mode = Literal["exact", "marginal", "joint"]
 Policy = Literal["entropy", "confidence", "margin", "random"]
@@ -46,14 +46,18 @@ class DecodeSettings(BaseModel):
     threshold: float | None = Field(None, ge=0.0)
     kv_cache: KVCache = "none"
 
+    @field_validator("threshold")
+    @classmethod
+    def _threshold_needs_parallel_mode(cls, v: float | None, info: ValidationInfo) -> float | None:
+        if v is not None and info.data.get("mode") == "exact":
+            raise ValueError("exact mode decodes one token per full pass; use mode 'marginal' "
+                             "(Fast-dLLM's rule) or 'joint' with a threshold")
+        return v
+
     @model_validator(mode="after")
-    def _consistent(self) -> DecodeSettings:
-        if self.mode == "exact":
-            if self.threshold is not None:
-                raise ValueError("threshold: exact mode decodes one token per full pass; use mode "
-                                 "'marginal' (Fast-dLLM's rule) or 'joint' with a threshold")
-            if self.k != 1:
-                object.__setattr__(self, "k", 1)  # k means nothing in exact mode
+    def _exact_is_one_token(self) -> DecodeSettings:
+        if self.mode == "exact" and self.k != 1:
+            object.__setattr__(self, "k", 1)  # k means nothing in exact mode
         return self
 
     def replace(self, **changes: Any) -> DecodeSettings:

@@ -173,6 +173,8 @@ def test_quickstart_configs_and_their_stage_sections():
     ev = quick.evaluate_config()
     assert ev.sampler == str(Path(train.out).resolve() / "sampler") and ev.mauve_seeds == [1, 2]
     assert (ev.ks, ev.num_samples, ev.gen_length, ev.task_gen_length) == ([1, 2, 4, 8], 100, 32, 16)
+    assert (ev.thresholds, ev.hybrid_ks) == ([0.9], [4]), "the quickstart sweeps one threshold"
+    assert EvaluateConfig(sampler="s").thresholds == [0.9, 0.7, 0.5], "`jointgen evaluate`: the full sweep"
 
 
 @pytest.mark.parametrize("model, key, value", [
@@ -183,6 +185,8 @@ def test_quickstart_configs_and_their_stage_sections():
     (GenerateConfig, "k", 0), (GenerateConfig, "threshold", -0.5), (GenerateConfig, "mode", "greedy"),
     (EvaluateConfig, "ks", [0, 2]), (EvaluateConfig, "methods", ["beam"]), (EvaluateConfig, "num_samples", 3),
     (EvaluateConfig, "task_temperature", -1), (EvaluateConfig, "judge_feature_layer", 0),
+    (EvaluateConfig, "thresholds", [1.5]), (EvaluateConfig, "hybrid_ks", [1]),
+    (EvaluateConfig, "threshold", 0.9),  # replaced by thresholds: the error says so
     (QuickstartConfig, "teacher_task_share", 1.5),
 ])
 def test_bad_values_fail_at_load_naming_the_key(model, key, value):
@@ -230,8 +234,9 @@ def test_layers_override_in_order_and_decoding_keys_reach_the_settings(tmp_path)
     assert cfg.decode == DecodeSettings(mode="marginal", k=3, stop_at_eos=True, threshold=0.9,
                                         kv_cache="prefix")
     assert load(GenerateConfig, conf, sets=["mode=exact"]).decode.k == 1  # exact: one token per full pass
-    ev = validate(EvaluateConfig, {"sampler": "s", "threshold": 0.8, "kv_cache": "dual"})
-    assert ev.decode("joint", 4, task=False).threshold == 0.8
+    ev = validate(EvaluateConfig, {"sampler": "s", "kv_cache": "dual"})
+    joint = DecodeSettings(mode="joint", k=4, threshold=0.8, kv_cache="dual")
+    assert ev.decode("joint", 4, task=False, threshold=0.8) == joint
     assert ev.decode("exact", 1, task=False) == DecodeSettings(mode="exact", kv_cache="dual")
     teacher = validate(TeacherConfig, {"temperature": 0.5, "block_length": 8})
     assert teacher.decode == DecodeSettings(mode="exact", temperature=0.5, block_length=8)

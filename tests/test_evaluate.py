@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ray_jobs.evaluate import main, run_evaluate
-from ray_jobs.report import verdict
+from ray_jobs.config import EvaluateConfig, validate
+from ray_jobs.evaluate import main, plan_sets, run_evaluate
+from ray_jobs.pipeline import read_outputs
+from ray_jobs.report import verdict, verdict_by_speed
 from sampler import JointSampler, ModelArgs, Transformer, load_backbone, save_backbone
 from sampler.backbone import load_tokenizer
 from sampler.embedded.tasks import make_task_examples
@@ -47,41 +49,69 @@ def small(assets: dict, out: Path, **kw) -> dict:
             "judge": str(assets["judge"]),
             "tasks": str(assets["tasks"]), "train_summary": str(assets["summary"]), "ks": [1, 2, 4],
             "num_samples": 24, "gen_length": 8, "task_gen_length": 6, "batch_size": 12, "mauve_seeds": [1],
+            "thresholds": [0.5], "threshold_k": 4, "hybrid_ks": [2],  # one threshold set, one hybrid set
             "out": str(out), "progress": False, "torch_threads": 1} | kw
 
 
 def test_small_run_table_json_plots_and_resume(assets, ray_cluster, tmp_path):
     out = tmp_path / "ev"
     res = run_evaluate(small(assets, out), log=lambda *_: None)
-    rows = [(r["method"], r["k"]) for r in res["rows"]]
-    assert rows == [("exact", 1), ("joint", 2), ("joint", 4), ("marginal", 2), ("marginal", 4)]
+    rows = [(r["method"], r["k"], r["threshold"]) for r in res["rows"]]
+    assert rows == [("exact", 1, None), ("marginal", 2, None), ("marginal", 4, None), ("joint", 2, None),
+                    ("joint", 4, None), ("threshold", 4, 0.5), ("joint+threshold", 2, 0.5)]
     for r in res["rows"]:
         assert r["n"] == 24 and r["task_validity"]["n"] == 12
-        assert r["tokens_per_s"] > 0 and r["wall_s"] > 0
-        assert r["full_passes_per_sample"] == pytest.approx(8 / r["k"])
-        assert r["tokens_per_full_pass"] == pytest.approx(r["k"])
-        assert r["sampler_passes_per_full_pass"] == pytest.approx(r["k"] - 1 if r["method"] == "joint" else 0)
+        assert r["tokens_per_s"] > 0 and r["wall_s"] > 0 and r["task_tokens_per_full_pass"] >= 1
+        # measured: the mean over samples of the outputs' tokens_per_pass column
+        column = read_outputs(out / "samples" / r["set"]).column("tokens_per_pass").to_pylist()
+        assert len(column) == 24 and r["tokens_per_full_pass"] == pytest.approx(sum(column) / 24)
+        if r["method"] == "threshold":  # the sure ones (at least one) of each pass, at most threshold_k
+            assert 1 <= r["tokens_per_full_pass"] <= 4 and r["sampler_passes_per_full_pass"] == 0
+        elif r["method"] == "joint+threshold":  # the sampler fills up to k: k tokens per pass
+            assert r["tokens_per_full_pass"] == pytest.approx(2) and r["full_passes_per_sample"] == 4
+            assert 0 <= r["sampler_passes_per_full_pass"] <= 1
+        else:
+            assert r["full_passes_per_sample"] == pytest.approx(8 / r["k"])
+            assert r["tokens_per_full_pass"] == pytest.approx(r["k"])
+            sampler_passes = r["k"] - 1 if r["method"] == "joint" else 0
+            assert r["sampler_passes_per_full_pass"] == pytest.approx(sampler_passes)
         for key in ("nll", "mauve_judge", "mauve_minilm"):
             assert math_ok(r[key]["mean"]) and r[key]["n"] == 24
     assert set(res["gap_recovered"]) == {"2", "4"} and set(res["verdict"]) == {"4"}
     assert list(res["depth_metrics"]) == ["1", "2", "3"]
+    levels = res["verdict_by_speed"]["levels"]
+    assert sorted(lv["set"] for lv in levels) == sorted(r["set"] for r in res["rows"][1:])
+    by_set = {r["set"]: r for r in res["rows"]}
+    for lv in levels:  # the best NLL among the sets at least as fast
+        pool = [r for r in res["rows"][1:] if r["tokens_per_s"] >= lv["tokens_per_s"]]
+        assert lv["measures"]["nll"]["best"] == min(pool, key=lambda r: r["nll"]["mean"])["set"]
+        assert by_set[lv["measures"]["nll"]["best"]]["method"] == lv["measures"]["nll"]["family"]
 
     saved = json.loads((out / "results.json").read_text())
-    assert [(r["method"], r["k"]) for r in saved["rows"]] == rows
+    assert [(r["method"], r["k"], r["threshold"]) for r in saved["rows"]] == rows
+    saved_sets = {r["set"]: r for r in saved["rows"]}
+    for name in ("lang-threshold-k4-t0.5", "lang-joint-k2-t0.5"):
+        assert saved_sets[name]["tokens_per_full_pass"] == pytest.approx(by_set[name]["tokens_per_full_pass"])
+        assert saved_sets[name]["threshold"] == 0.5 and "nll" in saved_sets[name]
+    assert len(saved["verdict_by_speed"]["levels"]) == 6
     assert saved["paper"]["gap_recovered"] == 0.41
     report = (out / "report.md").read_text()
-    table = [ln for ln in report.splitlines() if ln.startswith("| exact") or ln.startswith("| joint")
-             or ln.startswith("| marginal")]
-    assert [ln.split("|")[1].strip() for ln in table] == ["exact", "joint", "joint", "marginal", "marginal"]
+    lines = report.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("| method |"))
+    table = lines[start + 2:lines.index("", start)]
+    assert [ln.split("|")[1].strip() for ln in table] == [m for m, _, _ in rows]
+    assert [ln.split("|")[3].strip() for ln in table] == ["-"] * 5 + ["0.5", "0.5"]  # the τ column
     assert "judge NLL / token" in report and "MAUVE (MiniLM)" in report and "task validity" in report
-    assert "41%" in report and "unroll depth" in report
-    for png in ("quality_vs_speed.png", "depth_metrics.png"):
+    assert "41%" in report and "unroll depth" in report and "## Best family at each measured speed" in report
+    assert res["plots"] == ["quality_vs_speed.png", "quality_vs_tokens_per_pass.png", "depth_metrics.png"]
+    for png in res["plots"]:
         data = (out / png).read_bytes()
         assert data[:8] == PNG and len(data) > 10_000
     assert sorted(p.name for p in (out / "samples").iterdir()) == sorted(
         ["lang-exact", "lang-exact-ref", "lang-marginal-k2", "lang-joint-k2", "lang-marginal-k4",
-         "lang-joint-k4",
-         "task-exact", "task-marginal-k2", "task-joint-k2", "task-marginal-k4", "task-joint-k4"])
+         "lang-joint-k4", "lang-threshold-k4-t0.5", "lang-joint-k2-t0.5",
+         "task-exact", "task-marginal-k2", "task-joint-k2", "task-marginal-k4", "task-joint-k4",
+         "task-threshold-k4-t0.5", "task-joint-k2-t0.5"])
 
     # a rerun finds every sample on disk: nothing is generated again, the numbers are the same
     parts = {p: p.stat().st_mtime_ns for p in (out / "samples").rglob("part-*.parquet")}
@@ -127,6 +157,50 @@ def test_verdict_counts_only_measures_that_separate_exact_from_marginal():
     assert verdict(rows, [4])["4"]["all"] is False
 
 
+def test_plan_sets_names_and_method_selection():
+    """Fixed-k set names as before (old outputs resume); the sweep's names carry k and tau; `methods`
+    picks the families, and the threshold families run only with thresholds."""
+    cfg = validate(EvaluateConfig, {"sampler": "s", "ks": [1, 4], "thresholds": [0.7, 0.9], "hybrid_ks": [4]})
+    assert list(plan_sets(cfg, "lang")) == [
+        "lang-exact", "lang-exact-ref", "lang-marginal-k4", "lang-joint-k4", "lang-threshold-k8-t0.9",
+        "lang-threshold-k8-t0.7", "lang-joint-k4-t0.9", "lang-joint-k4-t0.7"]
+    s = plan_sets(cfg, "task")["task-joint-k4-t0.7"].settings
+    assert (s.mode, s.k, s.threshold, s.stop_at_eos) == ("joint", 4, 0.7, True)
+    s = plan_sets(cfg, "lang")["lang-threshold-k8-t0.9"].settings
+    assert (s.mode, s.k, s.threshold, s.stop_at_eos) == ("marginal", 8, 0.9, False)
+    fixed = validate(EvaluateConfig, {"sampler": "s", "ks": [1, 4], "methods": ["marginal", "joint"]})
+    assert list(plan_sets(fixed, "task")) == ["task-exact", "task-marginal-k4", "task-joint-k4"]
+    # no thresholds: no threshold families, and no joint set at all, so no sampler is needed
+    none = validate(EvaluateConfig, {"ks": [1, 4], "thresholds": [], "methods": ["marginal", "hybrid"]})
+    assert list(plan_sets(none, "task")) == ["task-exact", "task-marginal-k4"]
+
+
+def test_verdict_by_speed_ranks_families_among_the_sets_at_least_as_fast():
+    def row(method, k, tau, tps, nll, task_tps, valid):
+        return {"method": method, "k": k, "threshold": tau, "set": f"{method}-{k}-{tau}",
+                "tokens_per_s": tps, "tokens_per_full_pass": k / 2, "nll": {"mean": nll, "se": 0.03},
+                "task_tokens_per_s": task_tps, "task_validity": {"mean": valid, "se": 0.02}}
+
+    rows = [row("exact", 1, None, 100, 6.0, 30, 0.95), row("marginal", 4, None, 300, 7.4, 70, 0.4),
+            row("joint", 4, None, 250, 7.0, 60, 0.7), row("threshold", 8, 0.9, 280, 6.6, 90, 0.5),
+            row("joint+threshold", 4, 0.9, 240, 6.5, 50, 0.8)]
+    v = verdict_by_speed(rows)
+    assert [lv["method"] for lv in v["levels"]] == ["joint+threshold", "joint", "threshold", "marginal"]
+    nll = [lv["measures"]["nll"] for lv in v["levels"]]
+    assert [m["family"] for m in nll] == ["joint+threshold", "threshold", "threshold", "marginal"]
+    assert [m["runner_up_family"] for m in nll] == ["threshold", "joint", "marginal", None]
+    assert [m["beyond_error_bars"] for m in nll] == [True, True, True, None]
+    assert nll[0]["point"] == "k=4 τ=0.9" and nll[1]["point"] == "τ=0.9"
+    # task validity is ranked at the task sets' speed: nothing else is as fast as the threshold task set
+    at_threshold = v["levels"][2]["measures"]["task_validity"]
+    assert (at_threshold["best"], at_threshold["runner_up"]) == ("threshold-8-0.9", None)
+    assert v["exact_separates"] == {"nll": True, "task_validity": True}
+    rows[4]["nll"]["mean"] = 6.58  # within the error bars of the threshold point
+    assert verdict_by_speed(rows)["levels"][0]["measures"]["nll"]["beyond_error_bars"] is False
+    rows[0]["nll"]["mean"] = 7.39  # exact no better than the worst point: NLL cannot rank anything
+    assert verdict_by_speed(rows)["exact_separates"]["nll"] is False
+
+
 def test_quickstart_end_to_end_on_a_toy_backbone(assets, ray_cluster, tmp_path, capsys):
     """`jointgen quickstart`: teacher -> train -> evaluate under one directory, every stage small."""
     from ray_jobs.quickstart import main as quickstart_main
@@ -141,6 +215,7 @@ def test_quickstart_end_to_end_on_a_toy_backbone(assets, ray_cluster, tmp_path, 
     assert quickstart_main(args) == 0
     printed = capsys.readouterr().out
     assert "# jointgen quickstart" in printed and "| joint | 2 |" in printed
+    assert "| threshold | 8 | 0.9 |" in printed and "| joint+threshold | 4 | 0.9 |" in printed  # its sweep
     assert (out / "teacher" / "manifest.json").exists()  # unconditional trajectories
     assert (out / "teacher_tasks" / "manifest.json").exists()  # task answers, their own short run
     teacher_data = json.loads((out / "train" / "sampler" / "sampler.json").read_text())["teacher_data"]
