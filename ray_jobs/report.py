@@ -78,6 +78,7 @@ FAMILIES = ("exact", "marginal", "joint", "threshold", "joint+threshold")
 
 
 def family(settings: DecodeSettings) -> str:
+    """The method family of a set's decoding (one of FAMILIES)."""
     if settings.threshold is None:
         return settings.mode
     return "threshold" if settings.mode == "marginal" else "joint+threshold"
@@ -300,7 +301,8 @@ def _speed_verdict_section(v: dict | None) -> list[str]:
     out = ["## Best family at each measured speed", "",
            "At the speed of each set: the best point on each measure among the sets at least as fast "
            "(task validity: at the speed of the task sets). ✓ = it beats the best point of every other "
-           "family that fast beyond the error bars, ≈ = within them, no mark = no other family that fast.",
+           "family that fast beyond the error bars, ≈ = within them, ? = no error bar (one MAUVE seed), "
+           "no mark = no other family that fast.",
            "",
            "| at the speed of | tok/s | tok/full pass | " + " | ".join(label for _, label in keys) + " |",
            "|---|---|---|" + "---|" * len(keys)]
@@ -308,7 +310,8 @@ def _speed_verdict_section(v: dict | None) -> list[str]:
         cells = []
         for key, _ in keys:
             m = lv["measures"].get(key)
-            mark = {True: " ✓", False: " ≈", None: ""}[m["beyond_error_bars"]] if m else ""
+            mark = "" if not m or m["runner_up"] is None else {True: " ✓", False: " ≈", None: " ?"}[
+                m["beyond_error_bars"]]
             cells.append(f"{m['family']} {m['point']}{mark}" if m else "-")
         out.append(f"| {lv['method']} {lv['point']} | {lv['tokens_per_s']:.0f} | "
                    f"{lv['tokens_per_full_pass']:.2f} | " + " | ".join(cells) + " |")
