@@ -425,8 +425,9 @@ def cut_batches(block: pa.Table, name: str, skip: set[str], batch_size: int, wit
     """A set's rows still to do, cut into generate() batches here rather than by Ray Data's bundling:
     every batch holds one set's consecutive rows, so its seed (the set's seed + first row) and its size
     are the same in every run and for every method. Bad rows (`with_bad`: reported once, by the first
-    set) go in a chunk of their own."""
-    rows = block.to_pylist()
+    set) go in a chunk of their own. Rows are sorted first: Ray Data does not keep the source's order when
+    it joins blocks, and a batch's rows (and so every row's random draws) must not depend on it."""
+    rows = sorted(block.to_pylist(), key=lambda r: r["row"])
     todo = [r for r in rows if r["error"] is None and r["prompt_id"] not in skip]
     cut = [todo[a:a + batch_size] for a in range(0, len(todo), batch_size)]
     bad = [r for r in rows if r["error"] is not None]
