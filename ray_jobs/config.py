@@ -229,6 +229,8 @@ class TrainConfig(JobConfig):
     batch_size: Count = 32  # global windows per step (split across workers)
     k_max: Count = 7  # largest unroll depth K
     k_weighting: Literal["inverse", "uniform"] = "inverse"  # P(K) ~ 1/K, or uniform
+    init: Literal["random", "backbone"] = "random"  # backbone: decoder layer from the backbone's last layer
+    loss_depths: Literal["last", "all"] = "last"  # KL after K steps only (the paper), or at every depth
     lr: float = Field(5.0e-5, gt=0)
     warmup_steps: Int = Field(250, ge=0)  # linear warm-up, then constant
     weight_decay: float = Field(0.0, ge=0)

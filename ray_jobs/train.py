@@ -199,14 +199,15 @@ class SamplerLoss(torch.nn.Module):
     """The sampler as DDP's module: one forward = the whole K-step unroll, so DDP sees one forward and
     one backward per step. The backbone is held outside the module tree (frozen, never broadcast)."""
 
-    def __init__(self, backbone: Backbone, sampler: JointSampler) -> None:
+    def __init__(self, backbone: Backbone, sampler: JointSampler, depths: str = "last") -> None:
         super().__init__()
         self.sampler = sampler
+        self.depths = depths
         object.__setattr__(self, "backbone", backbone)  # bypasses nn.Module's submodule registration
 
     def forward(self, states, attention_mask, ks, target_pos, target_valid):
         batch = WindowBatch(states, attention_mask, ks, target_pos, target_valid)
-        return joint_loss(self.backbone, self.sampler, batch)
+        return joint_loss(self.backbone, self.sampler, batch, self.depths)
 
 
 @dataclass
@@ -238,7 +239,7 @@ class Worker:
             raise ShardError(f"{run.backbone_path}: worker loaded backbone {backbone.identity}, the teacher "
                              f"data needs {run.identity}")
         train, val = load_split(run.data, backbone.identity, cfg.val_fraction, rank, world)
-        sampler = JointSampler.for_backbone(backbone, seed=cfg.seed)
+        sampler = JointSampler.for_backbone(backbone, seed=cfg.seed, init=cfg.init)
         return cls(rank, world, device, run.bf16, backbone, sampler, train, val)
 
     def autocast(self) -> torch.autocast:
@@ -324,7 +325,7 @@ def train_loop(config: dict[str, Any]) -> None:
     cfg, run = config["cfg"], config["run"]
     w = Worker.start(cfg, run)
     start, state = w.restore()
-    model = ray.train.torch.prepare_model(SamplerLoss(w.backbone, w.sampler))
+    model = ray.train.torch.prepare_model(SamplerLoss(w.backbone, w.sampler, cfg.loss_depths))
     opt, sched = optimizer(cfg, w.sampler, state)
     log = RunLog(cfg, run.out, w.rank)
     log.log({"event": "start", "step": start, "resumed": state is not None, "workers": w.world,
@@ -503,7 +504,8 @@ def run_train(config: TrainConfig | dict[str, Any] | None = None) -> dict[str, A
         sampler_dir = export_sampler(Path(d), out / "sampler", {
             "trained_steps": metrics.get("step"), "teacher_data": data,
             "train_config": {k: getattr(cfg, k) for k in ("lr", "warmup_steps", "batch_size", "k_max",
-                                                          "k_weighting", "workers", "seed")}})
+                                                          "k_weighting", "init", "loss_depths", "workers",
+                                                          "seed")}})
     depth = unflat_depth(metrics)
     summary = {
         "sampler_dir": str(sampler_dir), "checkpoint": result.checkpoint.path, "metrics": metrics,

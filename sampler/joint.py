@@ -46,11 +46,27 @@ class JointSampler(nn.Module):
         nn.init.zeros_(self.norm_out.weight)
 
     @classmethod
-    def for_backbone(cls, backbone: Backbone, seed: int | None = None) -> JointSampler:
+    def for_backbone(cls, backbone: Backbone, seed: int | None = None, init: str = "random") -> JointSampler:
+        """A new sampler for `backbone`. init "backbone": the warm start of `warm_start`."""
+        if init not in ("random", "backbone"):
+            raise ValueError(f"init must be 'random' or 'backbone', got {init!r}")
         if seed is not None:
             torch.manual_seed(seed)
         s = cls(backbone.args, backbone_identity=backbone.identity, backbone_name=backbone.name)
-        return s.to(device=backbone.device)
+        s = s.to(device=backbone.device)
+        return s.warm_start(backbone) if init == "backbone" else s
+
+    @torch.no_grad()
+    def warm_start(self, backbone: Backbone) -> JointSampler:
+        """Start the decoder layer from the backbone's last layer, and the input projection as the
+        identity on the hidden-state half (the embedding half at zero: it still gets gradients), so the
+        layer first sees what the backbone's last layer saw, roughly. The output norm stays at zero: step
+        0 is still exactly the marginal baseline."""
+        self.block.load_state_dict(backbone.model.layers[-1].state_dict())
+        d = self.args.dim
+        self.proj.weight.zero_()
+        self.proj.weight[:, d:] = torch.eye(d, dtype=self.proj.weight.dtype, device=self.proj.weight.device)
+        return self
 
     def forward(self, e: Tensor, h: Tensor, ctx: Context, cache: BlockKVCache | None = None) -> Tensor:
         """One sampler step: embeddings of the current tokens and the previous hidden state -> new

@@ -20,7 +20,8 @@ from sampler.trajectory import Trajectory, WindowBatch, build_windows
 
 
 def _unroll(backbone: Backbone, sampler: JointSampler, batch: WindowBatch) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (sampler log-probs, marginal log-probs, target log-probs) at the target positions."""
+    """Returns (sampler log-probs, marginal log-probs, target log-probs) at the target positions, after
+    each row's own K steps."""
     s0 = batch.states[:, 0]
     ctx = backbone.context(s0, batch.attention_mask)
     with torch.no_grad():
@@ -44,15 +45,50 @@ def _kl(target: Tensor, pred: Tensor) -> Tensor:
     return (target.exp() * (target - pred)).sum(-1)
 
 
-def joint_loss(backbone: Backbone, sampler: JointSampler, batch: WindowBatch) -> tuple[Tensor, dict]:
-    """Mean KL over all target positions in the batch; also the marginal baseline's KL (no grad)."""
-    pred, marginal, target = _unroll(backbone, sampler, batch)
+def _unroll_every_depth(backbone: Backbone, sampler: JointSampler,
+                        batch: WindowBatch) -> tuple[Tensor, Tensor]:
+    """KL to the backbone after every unroll depth j = 1..K of each row (one more backbone pass per
+    depth for its target), at the final state's target positions: ([B, P] the mean over a row's depths,
+    [B, P] the marginal baseline's KL at the final state)."""
+    s0 = batch.states[:, 0]
+    ctx = backbone.context(s0, batch.attention_mask)
+    with torch.no_grad():
+        h = backbone.hidden(s0, batch.attention_mask, ctx)
+        marginal = F.log_softmax(backbone.logits(h, batch.target_pos).float(), -1)
+    total = torch.zeros(batch.target_pos.shape, device=s0.device)
+    base = torch.zeros_like(total)
+    for j in range(1, int(batch.ks.max()) + 1):
+        live = batch.ks >= j
+        with torch.no_grad():
+            e = backbone.embed(batch.states[:, j])
+            target = F.log_softmax(backbone.logits(backbone.hidden(batch.states[:, j], batch.attention_mask,
+                                                                   ctx), batch.target_pos).float(), -1)
+            base = torch.where((batch.ks == j)[:, None], _kl(target, marginal), base)
+        h = torch.where(live[:, None, None], sampler(e, h, ctx), h)
+        pred = F.log_softmax(backbone.logits(h, batch.target_pos).float(), -1)
+        total = total + _kl(target, pred) * live[:, None]
+    return total / batch.ks[:, None].clamp_min(1), base
+
+
+def joint_loss(backbone: Backbone, sampler: JointSampler, batch: WindowBatch,
+               depths: str = "last") -> tuple[Tensor, dict]:
+    """Mean KL over all target positions in the batch; also the marginal baseline's KL (no grad).
+    depths "last": the KL after each row's K steps (the paper's loss); "all": the mean over its depths
+    1..K, so every step of the unroll gets its own signal (costs one backbone pass per depth)."""
+    if depths not in ("last", "all"):
+        raise ValueError(f"depths must be 'last' or 'all', got {depths!r}")
+    pred, marginal, target = _unroll(backbone, sampler, batch) if depths == "last" else (None,) * 3
     valid = batch.target_valid.float()
     n = valid.sum().clamp_min(1)
-    loss = (_kl(target, pred) * valid).sum() / n
-    with torch.no_grad():
-        base = (_kl(target, marginal) * valid).sum() / n
-    return loss, {"loss": float(loss.detach()), "kl_marginal": float(base), "positions": int(n)}
+    if depths == "last":
+        loss = (_kl(target, pred) * valid).sum() / n
+        with torch.no_grad():
+            base = (_kl(target, marginal) * valid).sum() / n
+        return loss, {"loss": float(loss.detach()), "kl_marginal": float(base), "positions": int(n)}
+    per_depth, base = _unroll_every_depth(backbone, sampler, batch)
+    loss = (per_depth * valid).sum() / n
+    return loss, {"loss": float(loss.detach()), "kl_marginal": float((base * valid).sum() / n),
+                  "positions": int(n)}
 
 
 @torch.no_grad()

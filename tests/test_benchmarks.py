@@ -12,14 +12,17 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_decode_speed_prints_every_row():
     out = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "decode_speed.py"), "--batches", "1,2",
-         "--gen-length", "8", "--ks", "2", "--repeats", "1", "--trials", "2", "--threads", "1"],
+         "--gen-length", "8", "--ks", "2", "--repeats", "1", "--trials", "2", "--threads", "1",
+         "--thresholds", "1.5"],
         capture_output=True, text=True, timeout=300, cwd=ROOT, check=True).stdout
     assert out.count("(median of 2 trial(s))") == 2 and "c_step" in out
     rows = [ln.split() for ln in out.splitlines() if ln.split()[:1] in (["exact"], ["marginal"], ["joint"])]
-    assert [r[:2] for r in rows] == [["exact", "1"], ["marginal", "2"], ["joint", "2"]] * 2
-    for r in rows:  # tokens/s, full passes and sampler passes are numbers; joint used the sampler
-        assert float(r[2]) > 0 and int(r[3]) == (8 if r[0] == "exact" else 4)
-        assert int(r[4]) == (4 if r[0] == "joint" else 0)
+    assert [r[:3] for r in rows] == [["exact", "1", "-"], ["marginal", "2", "-"], ["joint", "2", "-"],
+                                     ["marginal", "8", "1.5"], ["joint", "2", "1.5"]] * 2
+    for r in rows:  # tokens per pass, tokens/s, full and sampler passes; joint used the sampler
+        full = 8 if r[0] == "exact" or r[2] == "1.5" and r[0] == "marginal" else 4  # tau > 1: exact
+        assert float(r[3]) == 8 / full and float(r[4]) > 0 and int(r[5]) == full
+        assert int(r[6]) == (4 if r[0] == "joint" else 0)
 
 
 def test_decode_speed_kv_cache_rows():

@@ -90,3 +90,34 @@ def test_shards_round_trip_and_refuse_bad_input(toy, trajs, tmp_path):
     write_trajectories(tmp_path / "perm.parquet", broken, meta)
     with pytest.raises(ShardError, match="perm.parquet: trajectory 9: order is not a permutation"):
         read_trajectories(tmp_path / "perm.parquet")
+
+
+def test_warm_start_copies_the_last_layer_and_is_still_marginal(toy, trajs):
+    s = JointSampler.for_backbone(toy, seed=0, init="backbone")
+    for name, p in toy.model.layers[-1].state_dict().items():
+        assert torch.equal(s.block.state_dict()[name], p)
+    d = toy.args.dim
+    assert torch.equal(s.proj.weight[:, d:], torch.eye(d)) and not s.proj.weight[:, :d].any()
+    prompts = encode_prompts(toy, n=3)
+    a = generate(toy, prompts, mode="marginal", k=3, gen_length=9, seed=5)
+    b = generate(toy, prompts, sampler=s, mode="joint", k=3, gen_length=9, seed=5)
+    assert a.tokens == b.tokens  # the output norm is still zero
+
+
+def test_loss_at_every_depth(toy, trajs):
+    rng = np.random.default_rng(0)
+    s = JointSampler.for_backbone(toy, seed=0)
+    with torch.no_grad():
+        s.norm_out.weight.fill_(0.3)
+    one = sample_windows(trajs[:16], 16, 1, rng, toy.mask_id, toy.pad_id)  # K = 1: both losses agree
+    last, info_last = joint_loss(toy, s, one, "last")
+    every, info_all = joint_loss(toy, s, one, "all")
+    assert torch.allclose(last, every, atol=1e-6)
+    assert info_all["kl_marginal"] == pytest.approx(info_last["kl_marginal"], abs=1e-6)
+    deep = sample_windows(trajs[:16], 16, 4, rng, toy.mask_id, toy.pad_id)
+    loss, _ = joint_loss(toy, s, deep, "all")
+    loss.backward()
+    assert s.block.self_attn.q_proj.weight.grad.abs().sum() > 0
+    assert not torch.allclose(loss, joint_loss(toy, s, deep, "last")[0])  # earlier depths count too
+    with pytest.raises(ValueError, match="depths"):
+        joint_loss(toy, s, deep, "every")
