@@ -32,7 +32,7 @@ from dataclasses import replace
 import torch
 
 from sampler import JointSampler, encode_prompts, generate, load_backbone
-from sampler.backbone import Backbone, Layout
+from sampler.backbone import Backbone, Layout, parse_dtype
 from sampler.decode import compile_read_out, read_out
 from sampler.kvcache import BlockKVCache
 from sampler.model import ModelArgs, Transformer
@@ -179,7 +179,7 @@ def main() -> None:
     if args.compile:
         compile_read_out()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    dtype = getattr(torch, args.dtype) if args.dtype else None
+    dtype = parse_dtype(args.dtype)
     if args.random_shapes:
         bb = random_backbone(args.random_shapes, device, dtype or torch.bfloat16, args.layers)
     else:

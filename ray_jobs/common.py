@@ -18,16 +18,16 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Any
 
+from sampler.backbone import Dtype, parse_dtype  # noqa: F401  (dtype names live in one place, with the loader)
 from sampler.schema import ShardError
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "jointgen-teacher-manifest"
-Dtype = Literal["float32", "bfloat16", "float16"]  # null in a config = the checkpoint's own dtype
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,9 +61,10 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
 
 
 def backbone_path(path: str | Path | None) -> Path:
-    from sampler.backbone import DEFAULT_BACKBONE
+    """The backbone's checkpoint dir (`sampler.backbone.backbone_dir`: None = the embedded backbone)."""
+    from sampler.backbone import backbone_dir
 
-    return Path(path).resolve() if path is not None else DEFAULT_BACKBONE
+    return backbone_dir(path)
 
 
 def backbone_identity(path: Path) -> tuple[str, str]:
@@ -76,17 +77,6 @@ def backbone_identity(path: Path) -> tuple[str, str]:
         raise CheckpointError(f"{path}: not a checkpoint directory (no config.json){hint}")
     name = json.loads(cfg_file.read_text()).get("_name_or_path") or path.name
     return name, fingerprint(path)
-
-
-def parse_dtype(name: str | None) -> torch.dtype | None:
-    """A config's dtype name as a torch dtype; None stays None (the checkpoint's own dtype)."""
-    if name is None:
-        return None
-    if name not in get_args(Dtype):
-        raise ValueError(f"dtype must be one of {', '.join(get_args(Dtype))} or null, got {name!r}")
-    import torch
-
-    return getattr(torch, name)
 
 
 def load_prompts(path: str | Path, field: str) -> tuple[list[str], list[str]]:

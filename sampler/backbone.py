@@ -10,7 +10,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 from safetensors import safe_open
@@ -317,6 +317,28 @@ class Backbone(nn.Module):
         return h, self.logits(h)
 
 
+Dtype = Literal["float32", "bfloat16", "float16"]  # weights' dtype names in configs and requests
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    """A dtype name (`Dtype`) as a torch dtype; None and "auto" stay None (the checkpoint's own dtype)."""
+    if name in (None, "auto"):
+        return None
+    if name not in get_args(Dtype):
+        raise ValueError(f"dtype must be one of {', '.join(get_args(Dtype))}, auto or null, got {name!r}")
+    return getattr(torch, name)
+
+
+def backbone_dir(path: str | Path | None) -> Path:
+    """The checkpoint directory a backbone argument names: None, "" or "embedded" = the embedded
+    backbone. FileNotFoundError (naming the path) when it has no config.json."""
+    p = DEFAULT_BACKBONE if path in (None, "", "embedded") else Path(path).resolve()
+    if not (p / "config.json").is_file():
+        hint = " (the embedded backbone is not built: pass --backbone DIR)" if p == DEFAULT_BACKBONE else ""
+        raise FileNotFoundError(f"backbone checkpoint {p} not found: no config.json{hint}")
+    return p
+
+
 def load_backbone(path: str | Path | None = None, device: str | torch.device = "cpu",
                   dtype: torch.dtype | None = None, *, require_mask: bool = True) -> Backbone:
     """Load a Dream / LLaDA (or causal Qwen2/Llama judge) checkpoint directory; None = embedded."""
@@ -336,8 +358,8 @@ def load_backbone(path: str | Path | None = None, device: str | torch.device = "
         raise CheckpointError(f"{path}: config has no mask_token_id; a masked diffusion LM needs one")
     files = _weight_files(path)
     if dtype is None:
-        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(
-            str(cfg.get("torch_dtype") or cfg.get("dtype")), torch.float32)
+        named = str(cfg.get("torch_dtype") or cfg.get("dtype"))
+        dtype = parse_dtype(named) if named in get_args(Dtype) else torch.float32
         if torch.device(device).type == "cpu" and dtype == torch.float16:
             dtype = torch.float32
     with torch.device("meta"):

@@ -34,6 +34,7 @@ from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableE
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from sampler.backbone import backbone_dir
 from serve.api import (
     ApiError,
     ChatCompletionRequest,
@@ -43,7 +44,7 @@ from serve.api import (
     field_path,
     validation_error,
 )
-from serve.generator import SAMPLER_CHOICES, Engine, resolve_backbone_path
+from serve.generator import SAMPLER_CHOICES, Engine, ServeDefaults, ServeLimits
 
 CONFIG = Path(__file__).with_name("config.yaml")
 # the generator replica (or its node) went away: worth retrying on another / the replacement replica
@@ -317,8 +318,8 @@ class AppArgs(BaseModel):
     model_name: str | None = None
     device: str = "auto"
     dtype: str | None = None
-    defaults: dict[str, Any] = Field(default_factory=dict)
-    limits: dict[str, int] = Field(default_factory=dict)
+    defaults: ServeDefaults = Field(default_factory=ServeDefaults)  # decoding defaults + max_tokens
+    limits: ServeLimits = Field(default_factory=ServeLimits)
     max_batch_size: int = Field(16, ge=1)
     batch_wait_s: float = Field(0.01, ge=0)
     torch_threads: int | None = Field(None, ge=1)
@@ -354,14 +355,15 @@ def build(args: dict[str, Any] | AppArgs, deployment_options: dict[str, dict[str
         a = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
     except ValidationError as e:
         raise ValueError(f"bad serve application args: {validation_error(e).message}") from None
-    backbone_dir = resolve_backbone_path(a.backbone)
+    checkpoint = backbone_dir(a.backbone)
     if a.sampler not in SAMPLER_CHOICES and not (Path(a.sampler) / "sampler.json").is_file():
         raise FileNotFoundError(f"sampler {a.sampler!r} is none of {SAMPLER_CHOICES} and no sampler "
                                 "directory (sampler.json) is there")
     opts = deployment_options or {}
     gen = Generator.options(**opts.get("Generator", {})).bind(
-        str(backbone_dir), a.sampler, model_name=a.model_name, device=a.device, dtype=a.dtype,
-        defaults=a.defaults, limits=a.limits, max_batch_size=a.max_batch_size, batch_wait_s=a.batch_wait_s,
+        str(checkpoint), a.sampler, model_name=a.model_name, device=a.device, dtype=a.dtype,
+        defaults=a.defaults.model_dump(), limits=a.limits.model_dump(), max_batch_size=a.max_batch_size,
+        batch_wait_s=a.batch_wait_s,
         torch_threads=a.torch_threads)
     return Ingress.options(**opts.get("Ingress", {})).bind(
         gen, api_key_sha256=api_key_hash(a), max_body_bytes=a.max_body_bytes, retries=a.retries,

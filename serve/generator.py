@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from sampler.backbone import backbone_dir, parse_dtype
 from sampler.decode import candidates, encode_chat, encode_text, pack_rows, unmask_step
 from sampler.kvcache import BlockKVCache
 from sampler.settings import DecodeSettings, Mode
@@ -65,17 +66,6 @@ class ServeLimits(BaseModel):
 
 
 SAMPLER_CHOICES = ("auto", "none", "untrained")
-
-
-def resolve_backbone_path(backbone: str | None) -> Path:
-    from sampler import DEFAULT_BACKBONE
-
-    path = Path(backbone) if backbone not in (None, "", "embedded") else DEFAULT_BACKBONE
-    if not (path / "config.json").is_file():
-        hint = (" (the embedded backbone has not been built yet: pass --backbone DIR)"
-                if path == DEFAULT_BACKBONE else "")
-        raise FileNotFoundError(f"backbone checkpoint {path} not found: no config.json{hint}")
-    return path
 
 
 def sampler_candidates(backbone_dir: Path) -> list[Path]:
@@ -134,9 +124,8 @@ class Engine:
             torch.set_num_threads(int(torch_threads))
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        tdtype = {None: None, "auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
-                  "float16": torch.float16}[dtype]
-        path = resolve_backbone_path(backbone)
+        tdtype = parse_dtype(dtype)
+        path = backbone_dir(backbone)
         self.backbone = load_backbone(path, device=device, dtype=tdtype)
         self.sampler, self.sampler_status = None, "none"
         choice = "auto" if sampler is None else str(sampler)

@@ -10,11 +10,13 @@ from sampler import JointSampler, encode_prompts, generate
 from sampler.decode import log_probs
 
 
-def naive_greedy(bb, prompt: list[int], gen_length: int) -> tuple[list[int], list[int]]:
-    """One token per pass, lowest entropy first, argmax token: written out with no batching."""
+def naive_threshold(bb, prompt: list[int], gen_length: int, tau: float, k: int,
+                    ) -> tuple[list[int], list[int]]:
+    """Fast-dLLM's rule written out for one row, greedy: every masked position whose top probability is
+    >= tau, and the lowest-entropy one in any case, at most k (the lowest-entropy ones first)."""
     x = torch.tensor([prompt + [bb.mask_id] * gen_length])
     order = []
-    for _ in range(gen_length):
+    while (x[0] == bb.mask_id).any():
         with torch.no_grad():
             logits = bb(x)[1][0].float()
         logits[:, bb.mask_id] = float("-inf")
@@ -22,9 +24,16 @@ def naive_greedy(bb, prompt: list[int], gen_length: int) -> tuple[list[int], lis
         ent = -(p * torch.log(p.clamp_min(1e-30))).sum(-1)
         masked = [i for i in range(len(prompt), x.shape[1]) if x[0, i] == bb.mask_id]
         best = min(masked, key=lambda i: ent[i].item())
-        x[0, best] = logits[best].argmax()
-        order.append(best - len(prompt))
+        take = sorted({best} | {i for i in masked if p[i].max() >= tau}, key=lambda i: ent[i].item())[:k]
+        for i in take:
+            x[0, i] = logits[i].argmax()
+            order.append(i - len(prompt))
     return x[0, len(prompt):].tolist(), order
+
+
+def naive_greedy(bb, prompt: list[int], gen_length: int) -> tuple[list[int], list[int]]:
+    """One token per pass, lowest entropy first, argmax token: the rule above with nothing sure."""
+    return naive_threshold(bb, prompt, gen_length, tau=2.0, k=1)
 
 
 class OracleSampler(nn.Module):
@@ -205,27 +214,6 @@ def sharpened(toy, scale: float):
     with torch.no_grad():
         head.weight.copy_(toy.model.lm_head.weight * scale)
     return head
-
-
-def naive_threshold(bb, prompt: list[int], gen_length: int, tau: float, k: int,
-                    ) -> tuple[list[int], list[int]]:
-    """Fast-dLLM's rule written out for one row, greedy: every masked position whose top probability is
-    >= tau, and the lowest-entropy one in any case, at most k (the lowest-entropy ones first)."""
-    x = torch.tensor([prompt + [bb.mask_id] * gen_length])
-    order = []
-    while (x[0] == bb.mask_id).any():
-        with torch.no_grad():
-            logits = bb(x)[1][0].float()
-        logits[:, bb.mask_id] = float("-inf")
-        p = torch.softmax(logits, -1)
-        ent = -(p * torch.log(p.clamp_min(1e-30))).sum(-1)
-        masked = [i for i in range(len(prompt), x.shape[1]) if x[0, i] == bb.mask_id]
-        best = min(masked, key=lambda i: ent[i].item())
-        take = sorted({best} | {i for i in masked if p[i].max() >= tau}, key=lambda i: ent[i].item())[:k]
-        for i in take:
-            x[0, i] = logits[i].argmax()
-            order.append(i - len(prompt))
-    return x[0, len(prompt):].tolist(), order
 
 
 def test_threshold_decoding_is_fast_dllms_rule(toy):
