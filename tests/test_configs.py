@@ -172,7 +172,7 @@ def test_quickstart_configs_and_their_stage_sections():
     assert train.warmup_steps == 50, "a section given in a file keeps the default section's other keys"
     ev = quick.evaluate_config()
     assert ev.sampler == str(Path(train.out).resolve() / "sampler") and ev.mauve_seeds == [1, 2]
-    assert (ev.ks, ev.num_samples, ev.gen_length, ev.task_gen_length) == ([1, 2, 4, 8], 100, 32, 16)
+    assert (ev.ks, ev.num_samples, ev.gen_length, ev.task_gen_length) == ([1, 2, 4], 100, 32, 16)
     assert (ev.thresholds, ev.hybrid_ks) == ([0.9], [4]), "the quickstart sweeps one threshold"
     assert EvaluateConfig(sampler="s").thresholds == [0.9, 0.7, 0.5], "`jointgen evaluate`: the full sweep"
 
