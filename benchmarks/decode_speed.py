@@ -237,8 +237,9 @@ def main() -> None:
             r = results[(mode, k, tau)]
             tps = r.decoded_tokens / statistics.median(times[(mode, k, tau)])
             base = base or tps
-            if tau is not None:  # the ideal of a threshold row is its own tokens per pass
-                ideal = ideal_step = r.tokens_per_pass
+            if tau is not None:  # a threshold row's ideal: its own tokens and sampler passes per full pass
+                per_pass = r.sampler_passes / max(r.full_passes, 1)
+                ideal, ideal_step = (r.tokens_per_pass / (1 + per_pass * cost[c]) for c in ("c", "c_step"))
             elif mode == "joint":
                 ideal, ideal_step = (k / (1 + (k - 1) * cost[c]) for c in ("c", "c_step"))
             else:
