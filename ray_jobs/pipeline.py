@@ -341,17 +341,16 @@ class GenerateActor:
             generate(self.backbone, prompt, sampler=self.sampler, mode=mode, k=2, gen_length=4, seed=0)
 
     def encode(self, prompt: str | None, messages: str | None) -> list[int]:
-        from sampler import encode_prompts
+        """Token ids of one source row, through the library's one encoding path."""
+        from sampler.decode import encode_chat, encode_prompts, encode_text
 
-        if messages is None and prompt and self.chat:
-            messages = json.dumps([{"role": "user", "content": prompt}])
         if messages is not None:
-            ids = self.backbone.tokenizer.apply_chat_template(json.loads(messages),
-                                                              add_generation_prompt=True, tokenize=True)
-            return list(ids["input_ids"] if isinstance(ids, Mapping) else ids)  # BatchEncoding in v5
+            return encode_chat(self.backbone, json.loads(messages))
         if not prompt:
             return encode_prompts(self.backbone, n=1)[0]
-        return encode_prompts(self.backbone, [prompt])[0]
+        if self.chat:
+            return encode_chat(self.backbone, [{"role": "user", "content": prompt}])
+        return encode_text(self.backbone, prompt)
 
     def prepare(self, name: str, r: dict) -> tuple[list[int] | None, str | None]:
         """(prompt token ids, None), or (None, why this row cannot be generated)."""

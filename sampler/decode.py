@@ -269,7 +269,9 @@ def generate(
     With `stop_at_eos`, an EOS ends its row: later positions become EOS without being decoded.
     `on_step(gen_ids)` is called after every full pass with the generated region (for streaming).
     """
-    s = (settings or DecodeSettings()).replace(**fields) if fields else (settings or DecodeSettings())
+    s = settings or DecodeSettings()
+    if fields:
+        s = s.replace(**fields)
     check_inputs(backbone, prompts, s, sampler, gen_length)
     t0 = time.perf_counter()
     dev, mask_id, eos_id = backbone.device, backbone.mask_id, backbone.eos_id
@@ -289,16 +291,16 @@ def generate(
     rng = torch.Generator(device=dev).manual_seed(seed)
     rows = torch.arange(B, device=dev)
     full_passes = sampler_passes = 0
-    cache = (BlockKVCache.for_backbone(backbone, B, P + G, s.kv_cache, sampler if s.mode == "joint" else None)
-             if s.kv_cache != "none" else None)
+    cache = BlockKVCache.for_decoding(backbone, s, B, P + G, sampler)
 
     while True:
-        cand, valid, counts = candidates((x == mask_id) & region, block_id)
+        masked = (x == mask_id) & region
+        cand, valid, counts = candidates(masked, block_id)
         if cand.shape[1] == 0:
             break
         row_passes += counts > 0
         if cache is not None:  # a new block: refresh; else compute only the block (prefix: and after it)
-            cache.plan((x == mask_id) & region, block_id)
+            cache.plan(masked, block_id)
         picks, n_sampler = unmask_step(backbone, x, cand, valid, ctx=ctx, attn_mask=attn_mask, settings=s,
                                        sampler=sampler, rng=rng, eos_region=region if s.stop_at_eos else None,
                                        cache=cache)

@@ -32,12 +32,13 @@ import torch
 from torch import Tensor
 
 from sampler.model import ModelArgs, scatter_cols
+from sampler.settings import KV_CACHES, DecodeSettings
 
 if TYPE_CHECKING:
     from sampler.backbone import Backbone
     from sampler.joint import JointSampler
 
-KINDS = ("prefix", "dual")
+KINDS = tuple(k for k in KV_CACHES if k != "none")
 
 
 class BlockKVCache:
@@ -75,6 +76,16 @@ class BlockKVCache:
         return cls(backbone.args, batch, seq_len, kind=kind, shift=backbone.shift, dtype=backbone.dtype,
                    device=backbone.device,
                    sampler_dtype=None if sampler is None else sampler.proj.weight.dtype)
+
+    @classmethod
+    def for_decoding(cls, backbone: Backbone, settings: DecodeSettings, batch: int, seq_len: int,
+                     sampler: JointSampler | None = None) -> BlockKVCache | None:
+        """The cache `settings.kv_cache` asks for (None for "none"), with the sampler's layer in joint
+        mode: what `generate` and a serving lane allocate for a batch."""
+        if settings.kv_cache == "none":
+            return None
+        return cls.for_backbone(backbone, batch, seq_len, settings.kv_cache,
+                                sampler if settings.mode == "joint" else None)
 
     def refresh(self) -> None:
         """The next pass of the backbone and of the sampler each computes and stores every column."""

@@ -52,9 +52,6 @@ class ServeDefaults(DecodeSettings):
     stop_at_eos: bool = True
     max_tokens: int = Field(64, ge=1)
 
-    def settings(self) -> DecodeSettings:
-        return DecodeSettings.from_mapping(self.model_dump())
-
 
 class ServeLimits(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -485,14 +482,14 @@ class Lane:
         if self.ctx is None:
             self.ctx = b.context(x, attn_mask)
         gen_cols = self.block_id < BIG
-        cand, valid, _ = candidates((x == b.mask_id) & gen_cols, self.block_id)
+        masked = (x == b.mask_id) & gen_cols
+        cand, valid, _ = candidates(masked, self.block_id)
         if cand.shape[1] == 0:
             return 0
         if s.kv_cache != "none":  # refreshed at the first pass of a new batch and at every block change
             if self.cache is None:
-                self.cache = BlockKVCache.for_backbone(b, x.shape[0], x.shape[1], s.kv_cache,
-                                                  self.engine.sampler if s.mode == "joint" else None)
-            self.cache.plan((x == b.mask_id) & gen_cols, self.block_id)
+                self.cache = BlockKVCache.for_decoding(b, s, x.shape[0], x.shape[1], self.engine.sampler)
+            self.cache.plan(masked, self.block_id)
         picks, sampler_passes = unmask_step(
             b, x, cand, valid, ctx=self.ctx, attn_mask=attn_mask, settings=s, sampler=self.engine.sampler,
             rng=self.rng, eos_region=gen_cols if s.stop_at_eos else None, cache=self.cache)
