@@ -82,6 +82,12 @@ class Context:
     causal: bool
     cols: Tensor | None = None  # [B, Q]: the only columns a pass computes (KV cache); None = all
 
+    def rows(self, idx: Tensor) -> Context:
+        """The context of the batch rows `idx` (a pass over some rows only)."""
+        mask = None if self.mask is None else self.mask[idx]
+        cols = None if self.cols is None else self.cols[idx]
+        return Context(self.cos[idx], self.sin[idx], mask, self.causal, cols)
+
     def at(self, cols: Tensor) -> Context:
         """The context of a pass that computes only `cols` ([B, Q]) and reads the other columns' keys
         and values from a KV cache: rotary tables at those columns' positions, the same key mask."""

@@ -32,10 +32,10 @@ def _unroll(backbone: Backbone, sampler: JointSampler, batch: WindowBatch) -> tu
         marginal = F.log_softmax(backbone.logits(h0, batch.target_pos).float(), -1)
     h = h0
     for j in range(1, int(batch.ks.max()) + 1):
+        live = (batch.ks >= j).nonzero().squeeze(1)  # rows stop at their own K: step only the others
         with torch.no_grad():
-            e = backbone.embed(batch.states[:, j])
-        h_new = sampler(e, h, ctx)
-        h = torch.where((batch.ks >= j)[:, None, None], h_new, h)  # rows stop at their own K
+            e = backbone.embed(batch.states[live, j])
+        h = h.index_copy(0, live, sampler(e, h[live], ctx.rows(live)))
     pred = F.log_softmax(backbone.logits(h, batch.target_pos).float(), -1)
     return pred, marginal, target
 

@@ -121,3 +121,38 @@ def test_loss_at_every_depth(toy, trajs):
     assert not torch.allclose(loss, joint_loss(toy, s, deep, "last")[0])  # earlier depths count too
     with pytest.raises(ValueError, match="depths"):
         joint_loss(toy, s, deep, "every")
+
+
+def test_rows_of_a_batch_unroll_to_their_own_depth(toy, trajs):
+    """The unroll steps only the rows still within their K; each row's prediction equals its own."""
+    from sampler.objective import _unroll
+
+    s = JointSampler.for_backbone(toy, seed=0)
+    with torch.no_grad():
+        s.norm_out.weight.fill_(0.5)
+    picks, starts, ks = trajs[:3], [0, 4, 2], [3, 1, 5]
+    together = _unroll(toy, s, build_windows(picks, starts, ks, toy.mask_id, toy.pad_id))[0]
+    for b in range(3):
+        alone = _unroll(toy, s, build_windows([picks[b]], [starts[b]], [ks[b]], toy.mask_id, toy.pad_id))[0]
+        n = alone.shape[1]
+        torch.testing.assert_close(together[b, :n], alone[0], atol=1e-4, rtol=1e-4)
+
+
+def test_windows_writing_only_eos_can_be_thinned(toy):
+    """eos_keep drops windows whose written tokens are all EOS, and only those."""
+    eos, n = toy.eos_id, 8
+    t = Trajectory([toy.bos_id], [5, 6, eos, eos, eos, eos, eos, eos], [2, 3, 4, 5, 6, 7, 0, 1])
+    rng = np.random.default_rng(0)
+    every = sample_windows([t] * 4, 400, 2, rng, toy.mask_id, toy.pad_id)
+    thinned = sample_windows([t] * 4, 400, 2, rng, toy.mask_id, toy.pad_id, eos_id=eos, eos_keep=1e-9)
+
+    def eos_only(b):  # windows whose written tokens (s_{i+K} minus s_i) are all EOS
+        wrote = (b.states[:, 0] == toy.mask_id) & (b.states[torch.arange(len(b.ks)), b.ks] != toy.mask_id)
+        written = b.states[torch.arange(len(b.ks)), b.ks]
+        return ((written == eos) | ~wrote).all(1)
+
+    assert 0.3 < float(eos_only(every).float().mean()) < 0.9
+    assert not bool(eos_only(thinned).any()) and len(thinned.ks) == 400
+    with pytest.raises(ValueError, match="eos_keep"):
+        sample_windows([t], 4, 2, rng, toy.mask_id, toy.pad_id, eos_id=eos, eos_keep=0)
+    assert n == len(t.tokens)
