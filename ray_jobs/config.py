@@ -173,7 +173,7 @@ class TeacherConfig(JobConfig):
     """`jointgen teacher` (ray_jobs/teacher.py): exact trajectories on Ray actors -> Parquet shards."""
 
     job: ClassVar[str] = "teacher"
-    backbone: str | None = None  # checkpoint dir; None = the embedded backbone (sampler/assets/backbone)
+    backbone: str | None = None  # checkpoint dir or hub id owner/name[@revision]; None = the embedded one
     dtype: Dtype | None = None  # None = the checkpoint's dtype (bf16 checkpoints decode in bf16)
     prompts: str | None = None  # None = unconditional ([BOS]); else a .jsonl or .parquet file of prompts
     prompt_field: str = "prompt"  # JSONL key / Parquet column with the prompt text (optional "id" alongside)
@@ -231,6 +231,7 @@ class TrainConfig(JobConfig):
     k_weighting: Literal["inverse", "uniform"] = "inverse"  # P(K) ~ 1/K, or uniform
     init: Literal["random", "backbone"] = "random"  # backbone: decoder layer from the backbone's last layer
     loss_depths: Literal["last", "all"] = "last"  # KL after K steps only (the paper), or at every depth
+    eos_window_keep: float = Field(1.0, gt=0, le=1)  # keep-probability of windows writing only EOS tokens
     lr: float = Field(5.0e-5, gt=0)
     warmup_steps: Int = Field(250, ge=0)  # linear warm-up, then constant
     weight_decay: float = Field(0.0, ge=0)
@@ -264,10 +265,10 @@ class GenerateConfig(JobConfig):
     """`jointgen generate` (ray_jobs/generate.py): batch generation over a prompt file with Ray Data."""
 
     job: ClassVar[str] = "generate"
-    backbone: str | None = None  # checkpoint dir (Dream / LLaDA layout); None = the embedded backbone
+    backbone: str | None = None  # checkpoint dir (Dream / LLaDA layout) or hub id; None = the embedded one
     dtype: Dtype | None = None  # None = the checkpoint's dtype
     sampler: str | None = None  # joint sampler dir (from `jointgen train`); needed for mode joint
-    prompts: str | None = None  # JSONL / Parquet with a `prompt` or `messages` column, optional `id`
+    prompts: str | None = None  # JSONL / Parquet: a `prompt` or `messages` column, optional `id`, `suffix`
     num_samples: Count | None = 64  # unconditional samples when prompts is None
     chat: bool = False  # wrap text prompts in the tokenizer's chat template
     out: str = "runs/generate"  # rerunning with the same directory completes only the missing prompt ids
