@@ -2,8 +2,9 @@
 
 - Ray: `ray_session(address, num_cpus)` uses the running cluster (`address`, or RAY_ADDRESS as set by
   `ray job submit`) or starts a local one, and shuts down only what it started.
-- Inputs: `backbone_path(path_or_None)` (None = the embedded backbone), `backbone_identity(path)` -> (name,
-  identity) without loading the weights, `load_prompts(path, field)` -> (texts, ids), `parse_dtype(name)`.
+- Inputs: `backbone_path(dir, hub id or None)` (None = the embedded backbone), `backbone_identity(path)`
+  -> (name, identity) without loading the weights, `load_prompts(path, field)` -> (texts, ids),
+  `parse_dtype(name)`.
 - Files: `sha256_file`, `atomic_path` (the one way a job writes a file atomically), `write_json_atomic`.
 - Teacher manifest (written by `ray_jobs.teacher`, read by training and evaluation): `MANIFEST_NAME`,
   `read_manifest(dir)` -> dict, `manifest_shards(dir, verify=True)` -> [(path, entry)], raising `ShardError`
@@ -61,22 +62,23 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
 
 
 def backbone_path(path: str | Path | None) -> Path:
-    """The backbone's checkpoint dir (`sampler.backbone.backbone_dir`: None = the embedded backbone)."""
+    """The backbone's checkpoint dir (`sampler.backbone.backbone_dir`: None = the embedded backbone; a
+    hub id "owner/name[@revision]" = its snapshot in the Hugging Face cache)."""
     from sampler.backbone import backbone_dir
 
     return backbone_dir(path)
 
 
 def backbone_identity(path: Path) -> tuple[str, str]:
-    """(name, identity) of a checkpoint without loading it: the values `load_backbone` gives."""
-    from sampler.backbone import CheckpointError, fingerprint
+    """(name, identity) of a checkpoint without loading it: the values `load_backbone` gives. A checkpoint
+    from the hub cache is named by its repo id; `sampler.backbone.hub_source(path)` gives repo and commit."""
+    from sampler.backbone import CheckpointError, checkpoint_name, fingerprint
 
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         hint = " (the embedded backbone is not built yet: pass --backbone)" if path.name == "backbone" else ""
         raise CheckpointError(f"{path}: not a checkpoint directory (no config.json){hint}")
-    name = json.loads(cfg_file.read_text()).get("_name_or_path") or path.name
-    return name, fingerprint(path)
+    return checkpoint_name(path, json.loads(cfg_file.read_text())), fingerprint(path)
 
 
 def load_prompts(path: str | Path, field: str) -> tuple[list[str], list[str]]:

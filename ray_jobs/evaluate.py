@@ -31,7 +31,8 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,7 @@ from ray_jobs.report import (
     verdict_by_speed,
 )
 from sampler import metrics
+from sampler.backbone import hub_source
 
 # ---------------------------------------------------------------------------------------------------
 # What to generate
@@ -92,7 +94,7 @@ def plan_sets(cfg: EvaluateConfig, kind: str) -> dict[str, SampleSet]:
 def resolve_judge(judge: str | None, backbone: str | None) -> str | None:
     """auto: the embedded judge when it exists and speaks the backbone's vocabulary (a tiny judge of
     another tokenizer says nothing about a 7B model's text)."""
-    from sampler.backbone import DEFAULT_JUDGE
+    from sampler.backbone import DEFAULT_JUDGE, CheckpointError, resolve_checkpoint
 
     if judge == "auto":
         if not (DEFAULT_JUDGE / "config.json").exists():
@@ -100,9 +102,13 @@ def resolve_judge(judge: str | None, backbone: str | None) -> str | None:
         return str(DEFAULT_JUDGE) if same_vocabulary(backbone, str(DEFAULT_JUDGE)) else None
     if judge in (None, "", "none"):
         return None
-    if not (Path(judge) / "config.json").exists():
+    try:
+        path = resolve_checkpoint(judge)  # a directory or a hub id, as for the backbone
+    except CheckpointError as e:
+        raise FileNotFoundError(f"judge {e}") from e
+    if not (path / "config.json").exists():
         raise FileNotFoundError(f"judge {judge}: not a checkpoint directory (no config.json)")
-    return str(judge)
+    return str(path)
 
 
 def trained_on_tasks(backbone: str | None) -> bool:
@@ -144,7 +150,7 @@ class Scorer:
 
     def __init__(self, judge: str | None, features: list[str], hf_model: str | None,
                  torch_threads: int | None, device: str = "cpu", batch_size: int = 32,
-                 backend: str = "torch", feature_layer: int = -1):
+                 backend: str = "torch", feature_layer: int = -1, progress: bool = False):
         import torch
 
         from sampler import load_backbone
@@ -165,6 +171,23 @@ class Scorer:
         self.hf_model = hf_model
         self.batch_size = batch_size
         self.feature_layer = feature_layer
+        self.progress = progress
+
+    @contextmanager
+    def bar(self, desc: str, total: int) -> Iterator[Callable[[int], None] | None]:
+        """A progress bar of `total` samples, drawn by the driver from this actor (Ray's tqdm_ray: a plain
+        tqdm in an actor would reach the job's log only as one line at the end); yields its `update`, or
+        None without `progress`."""
+        if not self.progress:
+            yield None
+            return
+        from ray.experimental import tqdm_ray
+
+        bar = tqdm_ray.tqdm(desc=desc, total=total, unit="sample")
+        try:
+            yield bar.update
+        finally:
+            bar.close()
 
     def judge_ids(self, prompts: list[list[int]], generated: list[list[int]], prompt_texts: list[str],
                   texts: list[str], same_vocab: bool) -> tuple[list[list[int]], list[list[int]]]:
@@ -186,8 +209,9 @@ class Scorer:
             p, g = self.judge_ids(prompts, generated, prompt_texts, texts, same_vocab)
             want_feats = "judge" in self.features
             if self.vllm is None or want_feats:
-                s = metrics.judge_score(self.judge, p, g, batch_size=self.batch_size, features=want_feats,
-                                        feature_layer=self.feature_layer)
+                with self.bar(f"judge {name}", len(g)) as progress:
+                    s = metrics.judge_score(self.judge, p, g, batch_size=self.batch_size, features=want_feats,
+                                            feature_layer=self.feature_layer, progress=progress)
             if self.vllm is not None:
                 s = {**s, **self.vllm.score(p, g)} if want_feats else self.vllm.score(p, g)
             out["nll"] = metrics.per_token_nll(s["nll_sum"], s["n_tokens"])
@@ -197,7 +221,8 @@ class Scorer:
         if "minilm" in self.features:
             out["feat_minilm"] = metrics.minilm_features(texts)
         if "hf" in self.features and self.hf_model:
-            out["feat_hf"] = metrics.hf_lm_features(self.hf_model, texts)
+            with self.bar(f"features {name}", len(texts)) as progress:
+                out["feat_hf"] = metrics.hf_lm_features(self.hf_model, texts, progress=progress)
         out["score_s"] = time.perf_counter() - t0
         return out
 
@@ -249,12 +274,13 @@ def score_sets(cfg: EvaluateConfig, judge: str | None, features: list[str], tabl
     against the exact reference draw."""
     import ray
     from ray.util import ActorPool
+    from tqdm import tqdm
 
     same_vocab = same_vocabulary(cfg.backbone, judge) if judge else True
     scorer = ray.remote(num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor)(Scorer)
     actors = [scorer.remote(judge, features, cfg.hf_features_model, threads,
                             "cuda" if cfg.gpus_per_actor else "cpu", cfg.judge_batch_size, cfg.judge_backend,
-                            cfg.judge_feature_layer) for _ in range(cfg.actors)]
+                            cfg.judge_feature_layer, cfg.progress) for _ in range(cfg.actors)]
 
     def submit(actor, n: str):
         t = tables[n]
@@ -271,13 +297,13 @@ def score_sets(cfg: EvaluateConfig, judge: str | None, features: list[str], tabl
         for a in actors:
             ray.kill(a)
     ref = scores[set_name("lang", "exact-ref", 1)]
-    for n, s in scores.items():
-        if n.endswith("exact-ref"):
-            continue
-        for feat in ("judge", "minilm", "hf"):
-            if f"feat_{feat}" in s:
-                s[f"mauve_{feat}"] = metrics.mauve_score(ref[f"feat_{feat}"], s[f"feat_{feat}"],
-                                                         seeds=cfg.mauve_seeds)
+    todo = [(s, feat) for n, s in scores.items() if not n.endswith("exact-ref")
+            for feat in ("judge", "minilm", "hf") if f"feat_{feat}" in s]
+    with tqdm(total=len(todo) * len(cfg.mauve_seeds), desc="MAUVE", unit="fit", disable=not cfg.progress,
+              file=sys.stderr, dynamic_ncols=True) as bar:  # one k-means fit per set, feature and seed
+        for s, feat in todo:
+            s[f"mauve_{feat}"] = metrics.mauve_score(ref[f"feat_{feat}"], s[f"feat_{feat}"],
+                                                     seeds=cfg.mauve_seeds, progress=bar.update)
     return scores
 
 
@@ -292,7 +318,8 @@ def run_evaluate(config: EvaluateConfig | dict[str, Any] | None = None, log: Cal
     lang_sets = plan_sets(cfg, "lang")
     task_sets = plan_sets(cfg, "task") if task_file else {}
     check_sources(cfg.language_prompts, cfg.sampler, [*lang_sets.values(), *task_sets.values()])
-    name, identity = backbone_identity(backbone_path(cfg.backbone))
+    bpath = backbone_path(cfg.backbone)
+    name, identity = backbone_identity(bpath)
     cores = os.cpu_count() or 1  # one actor on CPU: all cores (every method is timed alike)
     threads = cfg.torch_threads or (None if cfg.gpus_per_actor else max(1, cores // cfg.actors))
     t0 = time.perf_counter()
@@ -310,7 +337,8 @@ def run_evaluate(config: EvaluateConfig | dict[str, Any] | None = None, log: Cal
     rows = build_rows(lang_sets, {n: speed_of(t) for n, t in tables.items()}, scores, validity)
     ref = scores.get(set_name("lang", "exact-ref", 1), {})
     result = {
-        "backbone": {"name": name, "identity": identity, "path": str(backbone_path(cfg.backbone))},
+        "backbone": {"name": name, "identity": identity, "path": str(bpath),
+                     **hub_source(bpath)},  # a hub checkpoint: its repo id and commit
         "sampler": cfg.sampler, "judge": judge, "num_samples": cfg.num_samples, "gen_length": cfg.gen_length,
         "batch_size": cfg.batch_size, "ks": cfg.ks, "rows": rows, "gap_recovered": gap_table(rows),
         "paper": PAPER, "exact_reference_nll": metrics.mean_se(ref["nll"]) if "nll" in ref else None,
@@ -330,7 +358,8 @@ def run_evaluate(config: EvaluateConfig | dict[str, Any] | None = None, log: Cal
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jointgen evaluate", description=__doc__.split("\n\n")[0])
     add_config_args(p)
-    p.add_argument("--backbone", help="backbone checkpoint dir (default: the embedded backbone)")
+    p.add_argument("--backbone", help="backbone checkpoint dir or hub id owner/name[@revision] "
+                   "(default: the embedded backbone)")
     p.add_argument("--sampler", help="joint sampler dir (from `jointgen train`)")
     p.add_argument("--judge", help="causal LM judge dir; 'auto' = the embedded judge; 'none' = skip")
     p.add_argument("--ks", type=lambda s: [int(x) for x in s.split(",")], help="fixed k, e.g. 1,2,4,8")

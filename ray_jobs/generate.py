@@ -4,6 +4,9 @@ unconditional samples), through the pipeline of `ray_jobs.pipeline`.
     jointgen generate --prompts sampler/assets/prompts/tasks.jsonl --sampler runs/train/sampler \
         --mode joint --k 4
 
+A `suffix` column in the prompt file asks for infilling: prompt, `gen_length` generated tokens, suffix
+(the output's text and tokens are the generated span; the suffix is kept in its own column).
+
 Writes Parquet part files (prompt id, text, tokens, settings, counters), `errors.jsonl` (bad input rows,
 by row number) and `summary.json` under `out`. Rerunning with the same `out` generates only the prompt ids
 that have no output yet.
@@ -45,10 +48,12 @@ def run_generate(config: GenerateConfig | dict[str, Any] | None = None) -> dict[
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jointgen generate", description=__doc__.split("\n\n")[0])
     add_config_args(p)
-    p.add_argument("--prompts", help="JSONL or Parquet file with a 'prompt' or 'messages' column")
+    p.add_argument("--prompts", help="JSONL or Parquet file with a 'prompt' or 'messages' column "
+                                     "(and an optional 'suffix' column: infilling)")
     p.add_argument("--num-samples", type=int, help="unconditional samples when no prompt file is given")
     p.add_argument("--out", "-o", help="output directory (rerun with the same one to resume)")
-    p.add_argument("--backbone", help="backbone checkpoint dir (default: the embedded backbone)")
+    p.add_argument("--backbone", help="backbone checkpoint dir or hub id owner/name[@revision] "
+                   "(default: the embedded backbone)")
     p.add_argument("--sampler", help="joint sampler dir (needed for --mode joint)")
     p.add_argument("--mode", choices=MODES)
     p.add_argument("--k", type=int, help="tokens per full pass")

@@ -1,6 +1,7 @@
 """The batch-generation pipeline on Ray Data, shared by `jointgen generate` and `jointgen evaluate`.
 
-    prompts (JSONL / Parquet with a `prompt` or `messages` column, or N unconditional samples)
+    prompts (JSONL / Parquet with a `prompt` or `messages` column, an optional `suffix` column for
+    infilling, or N unconditional samples)
       -> Ray Data read (row numbers kept; a malformed row becomes an error row, never a crash)
       -> map_batches(GenerateActor, compute=ActorPoolStrategy(size=n))   each actor loads the models once
       -> Parquet part files written atomically by the actors (prompt id, text, tokens, settings, counters)
@@ -36,6 +37,7 @@ OUTPUT_SCHEMA = pa.schema([
     pa.field("prompt_id", pa.string(), nullable=False),
     pa.field("row", pa.int64(), nullable=False),  # row number in the prompt source (0-based)
     pa.field("prompt", pa.string()),
+    pa.field("suffix", pa.string()),  # infilling: the text after the generated span (text, tokens)
     pa.field("meta", pa.string()),  # the input row's other fields, JSON (task examples keep their data)
     pa.field("prompt_ids", pa.list_(pa.int32())),
     pa.field("text", pa.string()),
@@ -59,7 +61,8 @@ OUTPUT_SCHEMA = pa.schema([
 ])
 SOURCE_SCHEMA = pa.schema([
     pa.field("row", pa.int64()), pa.field("prompt_id", pa.string()), pa.field("prompt", pa.string()),
-    pa.field("messages", pa.string()), pa.field("meta", pa.string()), pa.field("error", pa.string()),
+    pa.field("suffix", pa.string()), pa.field("messages", pa.string()), pa.field("meta", pa.string()),
+    pa.field("error", pa.string()),
 ])
 SUMMARY_SCHEMA = pa.schema([  # what an actor returns: one row per input row
     pa.field("set", pa.string()), pa.field("row", pa.int64()), pa.field("prompt_id", pa.string()),
@@ -99,20 +102,24 @@ class SampleSet:
 
 def parse_record(rec: Any, row: int) -> dict:
     """One input record -> a source row; problems become an `error` string naming them."""
-    out = {"row": row, "prompt_id": f"row-{row}", "prompt": None, "messages": None, "meta": None,
-           "error": None}
+    out = {"row": row, "prompt_id": f"row-{row}", "prompt": None, "suffix": None, "messages": None,
+           "meta": None, "error": None}
     if not isinstance(rec, dict):
         out["error"] = f"expected an object with a 'prompt' or 'messages' field, got {type(rec).__name__}"
         return out
     if rec.get("id") is not None:
         out["prompt_id"] = str(rec["id"])
-    prompt, messages = rec.get("prompt"), rec.get("messages")
+    prompt, messages, suffix = rec.get("prompt"), rec.get("messages"), rec.get("suffix")
     if prompt is None and messages is None:
         out["error"] = "no 'prompt' or 'messages' field"
     elif prompt is not None and not isinstance(prompt, str):
         out["error"] = f"'prompt' must be a string, got {type(prompt).__name__}"
+    elif suffix is not None and not isinstance(suffix, str):
+        out["error"] = f"'suffix' must be a string, got {type(suffix).__name__}"
+    elif suffix is not None and prompt is None:
+        out["error"] = "'suffix' (infilling) goes with a 'prompt', not with 'messages'"
     elif prompt is not None:
-        out["prompt"] = prompt
+        out["prompt"], out["suffix"] = prompt, suffix
     else:
         if isinstance(messages, str):
             try:
@@ -125,7 +132,7 @@ def parse_record(rec: Any, row: int) -> dict:
             out["error"] = "'messages' must be a non-empty list of {role, content} objects"
         else:
             out["messages"] = json.dumps(messages)
-    rest = {k: v for k, v in rec.items() if k not in ("prompt", "messages", "id")}
+    rest = {k: v for k, v in rec.items() if k not in ("prompt", "suffix", "messages", "id")}
     try:
         out["meta"] = json.dumps(rest, default=str) if rest else None
     except (TypeError, ValueError):
@@ -165,8 +172,8 @@ def make_prompt_datasource(path: str | Path):
             rows = []
             for row, rec, err in _records(f, path):
                 r = parse_record(rec, row) if err is None else {
-                    "row": row, "prompt_id": f"row-{row}", "prompt": None, "messages": None, "meta": None,
-                    "error": err}
+                    "row": row, "prompt_id": f"row-{row}", "prompt": None, "suffix": None, "messages": None,
+                    "meta": None, "error": err}
                 rows.append(r)
             yield pa.Table.from_pylist(rows, schema=SOURCE_SCHEMA)
 
@@ -196,7 +203,7 @@ def read_source(prompts: str | Path | None, num_samples: int | None):
 def _unconditional(batch: pa.Table) -> pa.Table:
     ids = batch.column("id").to_pylist()
     n = len(ids)
-    cols = {"row": ids, "prompt_id": [f"sample-{i}" for i in ids], "prompt": [""] * n,
+    cols = {"row": ids, "prompt_id": [f"sample-{i}" for i in ids], "prompt": [""] * n, "suffix": [None] * n,
             "messages": [None] * n, "meta": [None] * n, "error": [None] * n}
     return pa.Table.from_pydict(cols, schema=SOURCE_SCHEMA)
 
@@ -254,7 +261,9 @@ def read_outputs(directory: str | Path) -> pa.Table:
     files = sorted(directory.glob("part-*.parquet"))
     if not files:
         raise FileNotFoundError(f"{directory}: no part-*.parquet outputs")
-    table = pa.concat_tables([pq.read_table(f).replace_schema_metadata(None) for f in files])
+    # promote: part files written before a column existed (e.g. `suffix`) read it as null
+    table = pa.concat_tables([pq.read_table(f).replace_schema_metadata(None) for f in files],
+                             promote_options="default")
     ids = table.column("prompt_id").to_pylist()
     seen: set[str] = set()
     keep = []
@@ -352,28 +361,36 @@ class GenerateActor:
             return encode_chat(self.backbone, [{"role": "user", "content": prompt}])
         return encode_text(self.backbone, prompt)
 
-    def prepare(self, name: str, r: dict) -> tuple[list[int] | None, str | None]:
-        """(prompt token ids, None), or (None, why this row cannot be generated)."""
+    def prepare(self, name: str, r: dict) -> tuple[tuple[list[int], list[int]] | None, str | None]:
+        """((prompt token ids, suffix token ids), None), or (None, why this row cannot be generated)."""
+        from sampler.decode import encode_text
+
         if r["error"] is not None and not _is_nan(r["error"]):
             return None, str(r["error"])
         try:
             ids = self.encode(_str_or_none(r["prompt"]), _str_or_none(r["messages"]))
         except Exception as e:  # a template or tokenizer failure is this row's problem only
             return None, f"cannot encode the prompt ({e})"
+        suffix = _str_or_none(r.get("suffix"))  # infilling: no BOS, it continues the sequence after the span
+        try:
+            suffix_ids = encode_text(self.backbone, suffix, bos=False) if suffix else []
+        except Exception as e:
+            return None, f"cannot encode the suffix ({e})"
         gen_length, context = self.sets[name].gen_length, self.backbone.args.max_seq_len
-        if len(ids) + gen_length > context:
-            return None, (f"prompt of {len(ids)} tokens + gen_length {gen_length} exceeds the context "
-                          f"of {context}")
-        return ids, None
+        if len(ids) + len(suffix_ids) + gen_length > context:
+            return None, (f"prompt of {len(ids)} tokens + gen_length {gen_length}"
+                          + (f" + suffix of {len(suffix_ids)} tokens" if suffix_ids else "")
+                          + f" exceeds the context of {context}")
+        return (ids, suffix_ids), None
 
-    def decode(self, name: str, items: list[tuple[dict, list[int]]]) -> list[dict]:
+    def decode(self, name: str, items: list[tuple[dict, tuple[list[int], list[int]]]]) -> list[dict]:
         """Generate one batch of a set and write its part file; returns the output rows."""
         from sampler import generate
 
         s = self.sets[name]
         seed = s.seed + min(int(r["row"]) for r, _ in items)  # same rows -> same seed in any run
-        res = generate(self.backbone, [ids for _, ids in items], s.settings, sampler=self.sampler,
-                       gen_length=s.gen_length, seed=seed)
+        res = generate(self.backbone, [ids for _, (ids, _) in items], s.settings, sampler=self.sampler,
+                       gen_length=s.gen_length, seed=seed, suffixes=[sfx for _, (_, sfx) in items])
         batch_id = hashlib.sha256(",".join(str(r["prompt_id"]) for r, _ in items).encode()).hexdigest()[:12]
         record = s.record()
         rows = []
@@ -382,8 +399,9 @@ class GenerateActor:
             rows.append({
                 "prompt_id": str(r["prompt_id"]), "row": int(r["row"]),
                 "prompt": _str_or_none(r["prompt"]) if messages is None else messages,
-                "meta": _str_or_none(r["meta"]), "prompt_ids": res.prompt_ids[b], "text": res.text[b],
-                "tokens": res.tokens[b], "order": res.order[b],
+                "suffix": _str_or_none(r.get("suffix")), "meta": _str_or_none(r["meta"]),
+                "prompt_ids": res.prompt_ids[b], "text": res.text[b], "tokens": res.tokens[b],
+                "order": res.order[b],
                 **{c: record[c] for c in ("mode", "k", "gen_length", "temperature", "top_p", "policy")},
                 "seed": seed, "full_passes": passes, "decoded_tokens": len(res.order[b]),
                 "tokens_per_pass": len(res.order[b]) / passes if passes else 0.0,
@@ -401,7 +419,7 @@ class GenerateActor:
                                                      wall), strict=True):
                 summary[col].append(v)
 
-        groups: dict[str, list[tuple[dict, list[int]]]] = {}
+        groups: dict[str, list[tuple[dict, tuple[list[int], list[int]]]]] = {}
         for name, chunk in zip(batch["set"], batch["rows"], strict=True):
             for r in json.loads(chunk):
                 ids, error = self.prepare(str(name), r)

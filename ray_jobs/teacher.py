@@ -59,6 +59,7 @@ from ray_jobs.common import (
     write_json_atomic,
 )
 from ray_jobs.config import TeacherConfig, add_config_args, run_cli, validate
+from sampler.backbone import hub_source
 from sampler.schema import ShardError, read_trajectories, write_trajectories
 from sampler.settings import POLICIES
 
@@ -348,7 +349,8 @@ def run_teacher(config: TeacherConfig | dict[str, Any] | None = None, *,
         texts, prompt_ids = load_prompts(cfg.prompts, cfg.prompt_field)
         prompts_sha = sha256_file(cfg.prompts)
     n_traj = cfg.num_trajectories or (len(texts) if texts is not None else 1024)
-    backbone = {"name": name, "identity": identity, "path": None if cfg.backbone is None else str(bpath)}
+    backbone = {"name": name, "identity": identity, "path": None if cfg.backbone is None else str(bpath),
+                **hub_source(bpath)}  # a hub checkpoint: its repo id and commit
     chunks = [(c, first, min(cfg.chunk_size, n_traj - first))
               for c, first in enumerate(range(0, n_traj, cfg.chunk_size))]
     store = ShardStore(out, manifest_settings(cfg, prompts_sha), backbone, chunks, n_traj)
@@ -408,7 +410,8 @@ def format_summary(s: dict[str, Any]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jointgen teacher", description=__doc__.split("\n\n")[0])
     add_config_args(p)
-    p.add_argument("--backbone", help="backbone checkpoint dir (default: the embedded backbone)")
+    p.add_argument("--backbone", help="backbone checkpoint dir or hub id owner/name[@revision] "
+                   "(default: the embedded backbone)")
     p.add_argument("--prompts", help=".jsonl / .parquet prompt file (default: unconditional)")
     p.add_argument("--chat", action="store_true", default=None, help="apply the chat template to prompts")
     p.add_argument("--out", help="output directory for shards + manifest")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
@@ -29,6 +30,59 @@ LLADA_MASK_ID = 126336
 
 class CheckpointError(ValueError):
     """A checkpoint directory that cannot be loaded; the message names the problem."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face hub ids: "owner/name" or "owner/name@revision", resolved through the local hub cache.
+# ---------------------------------------------------------------------------------------------
+
+# config, weights and tokenizer files only: never pickles (*.bin, *.pt) nor remote code (*.py)
+HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
+_HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?")
+_HUB_SNAPSHOT = re.compile(r"models--(?P<owner>[^/]+?)--(?P<name>[^/]+)/snapshots/(?P<commit>[0-9a-f]{40})")
+
+
+def parse_hub_id(name: str) -> tuple[str, str | None] | None:
+    """(repo id, revision or None) when `name` has the form owner/name[@revision], else None."""
+    m = _HUB_ID.fullmatch(name)
+    return (m["repo"], m["revision"]) if m else None
+
+
+def hub_source(path: Path) -> dict[str, str]:
+    """{"repo", "revision"} of a snapshot directory of the hub cache (models--owner--name/snapshots/<commit>),
+    {} for any other directory."""
+    m = _HUB_SNAPSHOT.search(Path(path).as_posix())
+    return {"repo": f"{m['owner']}/{m['name']}", "revision": m["commit"]} if m else {}
+
+
+def resolve_checkpoint(path: str | Path | None) -> Path:
+    """The directory a checkpoint argument names: None, "" or "embedded" = the embedded backbone; an existing
+    directory; else a hub id "owner/name[@revision]", downloaded into (or, with HF_HUB_OFFLINE=1, found in)
+    the Hugging Face cache, only the files of HUB_FILES. CheckpointError naming it when it is neither."""
+    if path in (None, "", "embedded"):
+        return DEFAULT_BACKBONE
+    p = Path(path)
+    hub = parse_hub_id(str(path)) if not p.is_dir() else None
+    if hub is None:
+        if not p.is_dir():
+            raise CheckpointError(f"{p}: checkpoint directory does not exist")
+        return p.resolve()
+    from huggingface_hub import constants, snapshot_download
+
+    repo, revision = hub
+    try:
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=HUB_FILES))
+    except Exception as e:  # not cached offline, unknown repo or revision, no network: one message says which
+        cache = constants.HF_HUB_CACHE
+        why = (f"it is not in the local cache {cache} (HF_HUB_OFFLINE is set: nothing is downloaded)"
+               if constants.HF_HUB_OFFLINE else f"neither the hub nor the local cache {cache} has it")
+        raise CheckpointError(f"{path}: checkpoint directory does not exist, and as a Hugging Face hub id "
+                              f"{why}: {type(e).__name__}: {e}") from e
+
+
+def checkpoint_name(path: Path, cfg: dict) -> str:
+    """A checkpoint's name: its hub repo id, else config.json's `_name_or_path`, else the directory name."""
+    return hub_source(path).get("repo") or cfg.get("_name_or_path") or path.name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,7 +311,7 @@ class Backbone(nn.Module):
     at requested positions with the layout's shift applied, so the LM head runs only where needed."""
 
     def __init__(self, model: Transformer, layout: Layout, *, tokenizer=None, config=None,
-                 name: str = "", identity: str = ""):
+                 name: str = "", identity: str = "", source: dict[str, str] | None = None):
         super().__init__()
         self.model = model
         self.shift = layout.shift
@@ -270,6 +324,8 @@ class Backbone(nn.Module):
         self.config = config
         self.name = name
         self.identity = identity  # fingerprint of config + weights; samplers record it
+        self.repo = (source or {}).get("repo")  # hub repo id and commit when loaded from the hub cache
+        self.revision = (source or {}).get("revision")
 
     @property
     def args(self) -> ModelArgs:
@@ -330,9 +386,13 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
 
 
 def backbone_dir(path: str | Path | None) -> Path:
-    """The checkpoint directory a backbone argument names: None, "" or "embedded" = the embedded
-    backbone. FileNotFoundError (naming the path) when it has no config.json."""
-    p = DEFAULT_BACKBONE if path in (None, "", "embedded") else Path(path).resolve()
+    """The checkpoint directory a backbone argument names (`resolve_checkpoint`: None, "" or "embedded" =
+    the embedded backbone; a directory; a hub id). FileNotFoundError (naming the path) when it has no
+    config.json."""
+    try:
+        p = resolve_checkpoint(path)
+    except CheckpointError as e:
+        raise FileNotFoundError(str(e)) from e
     if not (p / "config.json").is_file():
         hint = " (the embedded backbone is not built: pass --backbone DIR)" if p == DEFAULT_BACKBONE else ""
         raise FileNotFoundError(f"backbone checkpoint {p} not found: no config.json{hint}")
@@ -341,12 +401,11 @@ def backbone_dir(path: str | Path | None) -> Path:
 
 def load_backbone(path: str | Path | None = None, device: str | torch.device = "cpu",
                   dtype: torch.dtype | None = None, *, require_mask: bool = True) -> Backbone:
-    """Load a Dream / LLaDA (or causal Qwen2/Llama judge) checkpoint directory; None = embedded."""
+    """Load a Dream / LLaDA (or causal Qwen2/Llama judge) checkpoint: a directory, a hub id
+    "owner/name[@revision]" (`resolve_checkpoint`), or None = the embedded backbone."""
     from transformers import PretrainedConfig
 
-    path = Path(path) if path is not None else DEFAULT_BACKBONE
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: checkpoint directory does not exist")
+    path = resolve_checkpoint(path)
     if not (path / "config.json").exists():
         raise CheckpointError(f"{path}: missing config.json")
     try:
@@ -379,8 +438,8 @@ def load_backbone(path: str | Path | None = None, device: str | torch.device = "
     if tokenizer is not None and layout.bos_id is None:
         layout.bos_id = tokenizer.bos_token_id
     config = PretrainedConfig(**{k: v for k, v in cfg.items() if k != "model_type"})
-    return Backbone(model, layout, tokenizer=tokenizer, config=config,
-                    name=cfg.get("_name_or_path") or path.name, identity=fingerprint(path))
+    return Backbone(model, layout, tokenizer=tokenizer, config=config, name=checkpoint_name(path, cfg),
+                    identity=fingerprint(path), source=hub_source(path))
 
 
 def save_backbone(model: Transformer, path: str | Path, *, layout: str = "dream", mask_id: int | None,

@@ -1,6 +1,7 @@
 """Decoding a masked diffusion LM: exact (one token per full pass), marginal (k tokens from one pass's
 distributions), joint (one full pass, then the sampler after every sampled token) and their
-confidence-threshold forms (docs/method.md).
+confidence-threshold forms (docs/method.md). The generated span follows the prompt and, when infilling,
+comes before a suffix.
 
 `generate` is the whole algorithm, batched, top to bottom. Only positions that can still be chosen go
 through the LM head, and the k-loop does no host synchronisation (with a threshold: one per pass, and
@@ -28,13 +29,14 @@ from sampler.settings import DecodeSettings
 @dataclass
 class GenerateResult:
     prompt_ids: list[list[int]]
-    tokens: list[list[int]]  # gen_length ids per row (EOS-filled after an EOS when stop_at_eos)
-    text: list[str]
-    order: list[list[int]]  # generated positions (0-based from the first generated one), unmask order
+    tokens: list[list[int]]  # the span: gen_length ids per row (EOS-filled after an EOS when stop_at_eos)
+    text: list[str]  # the span's text (cut at EOS when stop_at_eos); never the suffix
+    order: list[list[int]]  # span positions (0-based from the span's first column), unmask order
     full_passes: int  # batch full passes
     sampler_passes: int  # batch sampler passes
     row_full_passes: list[int] = field(default_factory=list)  # passes in which each row decoded a token
     wall_s: float = 0.0
+    suffix_ids: list[list[int]] = field(default_factory=list)  # what followed each span ([] without)
 
     @property
     def decoded_tokens(self) -> int:
@@ -136,9 +138,11 @@ def unmask_step(backbone: Backbone, x: Tensor, cand: Tensor, valid: Tensor, *, c
 
     def write(allowed: Tensor, logp: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
         """The best allowed candidate of each row that has one: sample its token, write it."""
-        go = allowed.any(1)
         pick = scores.masked_fill(~allowed, float("-inf")).argmax(1)  # [B]
-        lp = logp[rows, pick]
+        return write_at(allowed.any(1), pick, logp[rows, pick])
+
+    def write_at(go: Tensor, pick: Tensor, lp: Tensor) -> tuple[Tensor, Tensor]:
+        """Sample a token from `lp` ([B, V]) at candidate `pick` ([B]) of the rows that `go`, write it."""
         if s.temperature == 0:
             token = lp.argmax(-1)
         else:
@@ -157,6 +161,18 @@ def unmask_step(backbone: Backbone, x: Tensor, cand: Tensor, valid: Tensor, *, c
     h = backbone.hidden(x, attn_mask, ctx, cache)  # the full pass (with a cache: its planned columns)
     logp, scores = read_out(backbone, h, cand, s.temperature, s.top_p, s.policy, rng)
     picks, sampler_passes, k = [], 0, min(s.k, cand.shape[1])
+    if s.threshold is None and use_sampler is not None and s.order == "planned":
+        # the full pass's scores fix this pass's k positions: a sampler step reads out only the next one
+        plan = scores.masked_fill(~valid, float("-inf")).topk(k, dim=1).indices  # [B, k]
+        lp = logp[rows, plan[:, 0]]
+        for j in range(k):
+            picks.append(write_at(valid[rows, plan[:, j]], plan[:, j], lp))  # an EOS may have ended the row
+            if j < k - 1:
+                h = use_sampler(backbone.embed(x), h, ctx, cache)
+                sampler_passes += 1
+                nxt = cand[rows, plan[:, j + 1]][:, None]
+                lp = log_probs(candidate_logits(backbone, h, nxt), s.temperature, s.top_p)[:, 0]
+        return picks, sampler_passes
     if s.threshold is None:
         for j in range(k):
             picks.append(write(valid, logp, scores))
@@ -205,8 +221,10 @@ def candidates(masked: Tensor, block_id: Tensor) -> tuple[Tensor, Tensor, Tensor
 
 
 def check_inputs(backbone: Backbone, prompts: Sequence[Sequence[int]], settings: DecodeSettings,
-                 sampler: JointSampler | None, gen_length: int) -> None:
-    """What the settings cannot check alone: the prompts, the sampler and the context length."""
+                 sampler: JointSampler | None, gen_length: int,
+                 suffixes: Sequence[Sequence[int]] | None = None) -> None:
+    """What the settings cannot check alone: the prompts, the suffixes, the sampler and the context
+    length."""
     if settings.mode == "joint" and sampler is None:
         raise ValueError("mode='joint' needs a sampler (JointSampler); none was given")
     if sampler is not None:
@@ -221,29 +239,53 @@ def check_inputs(backbone: Backbone, prompts: Sequence[Sequence[int]], settings:
             raise ValueError(f"prompt {i} is empty (unconditional generation starts from [BOS])")
         if min(p) < 0 or max(p) >= vocab:
             raise ValueError(f"prompt {i} has token ids outside [0, {vocab})")
-    longest = max(len(p) for p in prompts)
-    if longest + gen_length > backbone.args.max_seq_len:
-        raise ValueError(f"prompt of {longest} tokens + gen_length {gen_length} exceeds the context "
+    if suffixes is not None:
+        if len(suffixes) != len(prompts):
+            raise ValueError(f"suffixes has {len(suffixes)} rows for {len(prompts)} prompts (one per prompt)")
+        for i, sfx in enumerate(suffixes):
+            if sfx and (min(sfx) < 0 or max(sfx) >= vocab):
+                raise ValueError(f"suffix {i} has token ids outside [0, {vocab})")
+            if backbone.mask_id in sfx:  # it would stay a mask: only the span is decoded
+                raise ValueError(f"suffix {i} contains the mask token id {backbone.mask_id}")
+    lengths = [len(p) + (len(suffixes[i]) if suffixes is not None else 0) for i, p in enumerate(prompts)]
+    if max(lengths) + gen_length > backbone.args.max_seq_len:
+        what = "prompt and suffix" if suffixes is not None else "prompt"
+        raise ValueError(f"{what} of {max(lengths)} tokens + gen_length {gen_length} exceeds the context "
                          f"of {backbone.args.max_seq_len}")
 
 
+NOT_GENERATED = 1 << 30  # block id of the columns outside the span: padding, prompt, suffix
+
+
 def pack_rows(backbone: Backbone, prompts: Sequence[Sequence[int]], gen_length: int,
-              width: int | None = None) -> tuple[Tensor, Tensor]:
-    """Rows of [left padding, prompt, gen_length masks], right-aligned to `width` columns (default: the
-    longest prompt + gen_length), and their attention masks (False on padding). Right alignment keeps
-    every row's generated region in the last gen_length columns."""
-    width = width or max(len(p) for p in prompts) + gen_length
+              width: int | None = None, *, suffixes: Sequence[Sequence[int]] | None = None,
+              block_length: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Rows of [left padding, prompt, gen_length masks (the span), suffix], right-aligned to `width`
+    columns (default: the fewest that fit every row), their attention masks (False on padding) and block
+    ids ([B, width]: the span's blocks of `block_length`, 0, 1, ... from the span's first column;
+    NOT_GENERATED elsewhere). Right alignment needs no right padding: a row's span ends where its suffix
+    starts (without suffixes: the last gen_length columns of every row)."""
+    suffixes = suffixes if suffixes is not None else [[] for _ in prompts]
+    lengths = [len(p) + len(sfx) for p, sfx in zip(prompts, suffixes, strict=True)]
+    width = width or max(lengths) + gen_length
     pad = backbone.pad_id if backbone.pad_id is not None else backbone.mask_id
     x = torch.full((len(prompts), width), backbone.mask_id, dtype=torch.long)
     attn = torch.ones(len(prompts), width, dtype=torch.bool)
-    for b, p in enumerate(prompts):
-        n_pad = width - gen_length - len(p)
+    block_id = torch.full((len(prompts), width), NOT_GENERATED, dtype=torch.long)
+    blocks = torch.arange(gen_length) // (block_length or gen_length)
+    for b, (p, sfx) in enumerate(zip(prompts, suffixes, strict=True)):
+        start = width - len(sfx) - gen_length  # the span's first column
+        n_pad = start - len(p)
         if n_pad < 0:
-            raise ValueError(f"prompt {b} of {len(p)} tokens + {gen_length} does not fit {width} columns")
+            raise ValueError(f"row {b}: prompt and suffix of {lengths[b]} tokens + {gen_length} do not fit "
+                             f"{width} columns")
         x[b, :n_pad] = pad
-        x[b, n_pad: width - gen_length] = torch.tensor(list(p), dtype=torch.long)
+        x[b, n_pad:start] = torch.tensor(list(p), dtype=torch.long)
+        x[b, start + gen_length:] = torch.tensor(list(sfx), dtype=torch.long)
         attn[b, :n_pad] = False
-    return x.to(backbone.device), attn.to(backbone.device)
+        block_id[b, start:start + gen_length] = blocks
+    dev = backbone.device
+    return x.to(dev), attn.to(dev), block_id.to(dev)
 
 
 @torch.inference_mode()
@@ -256,42 +298,41 @@ def generate(
     gen_length: int = 64,
     seed: int = 0,
     on_step: Callable[[Tensor], None] | None = None,
+    suffixes: Sequence[Sequence[int]] | None = None,
     **fields: Any,
 ) -> GenerateResult:
-    """Fill `gen_length` masked positions after each prompt (token ids; left-padded into a batch).
+    """Fill `gen_length` masked positions (the span) after each prompt (token ids; left-padded into a
+    batch) and, with `suffixes` (token ids, one list per prompt), before that row's suffix: infilling.
 
     The decoding is `settings` with any `DecodeSettings` field given as a keyword on top
     (`generate(bb, prompts, mode="joint", k=4, sampler=s)`):
     exact: one token per full pass. marginal: k tokens per pass, all from that pass's distributions.
     joint: k tokens per pass; after each one the sampler updates the distributions of the rest.
     threshold: the confident candidates of a pass all at once (Fast-dLLM's rule), k at most.
-    With `block_length`, positions are filled block by block, left to right (semi-autoregressive).
-    With `stop_at_eos`, an EOS ends its row: later positions become EOS without being decoded.
-    `on_step(gen_ids)` is called after every full pass with the generated region (for streaming).
+    With `block_length`, the span is filled block by block, left to right (semi-autoregressive).
+    With `stop_at_eos`, an EOS ends its row's span: its later positions become EOS without being decoded,
+    the suffix stays, and the text is the span before the EOS.
+    `on_step(span_ids)` is called after every full pass with each row's span, [B, gen_length] (streaming).
     """
     s = settings or DecodeSettings()
     if fields:
         s = s.replace(**fields)
-    check_inputs(backbone, prompts, s, sampler, gen_length)
+    check_inputs(backbone, prompts, s, sampler, gen_length, suffixes)
     t0 = time.perf_counter()
     dev, mask_id, eos_id = backbone.device, backbone.mask_id, backbone.eos_id
-    B, P, G = len(prompts), max(len(p) for p in prompts), gen_length
-    x, attn = pack_rows(backbone, prompts, G)
+    B, G = len(prompts), gen_length
+    x, attn, block_id = pack_rows(backbone, prompts, G, suffixes=suffixes, block_length=s.block_length)
     attn_mask = None if bool(attn.all()) else attn
     ctx = backbone.context(x, attn_mask)  # rotary tables and mask: the same for every pass
-    generated = x[:, P:]  # a view: writing x writes it
-    block = s.block_length or G
-    block_id = torch.cat([torch.full((P,), G, device=dev), torch.arange(G, device=dev) // block])
-    block_id = block_id[None].expand(B, -1)
-    region = torch.zeros(B, P + G, dtype=torch.bool, device=dev)
-    region[:, P:] = True
+    region = block_id < NOT_GENERATED  # each row's span
+    span = region.long().argmax(1, keepdim=True) + torch.arange(G, device=dev)  # [B, G]: its columns
     order = torch.full((B, G + 1), -1, dtype=torch.long, device=dev)  # last column: scratch
     n_done = torch.zeros(B, dtype=torch.long, device=dev)
     row_passes = torch.zeros(B, dtype=torch.long, device=dev)
     rng = torch.Generator(device=dev).manual_seed(seed)
     rows = torch.arange(B, device=dev)
     full_passes = sampler_passes = 0
-    cache = BlockKVCache.for_decoding(backbone, s, B, P + G, sampler)
+    cache = BlockKVCache.for_decoding(backbone, s, B, x.shape[1], sampler)
 
     while True:
         masked = (x == mask_id) & region
@@ -306,12 +347,12 @@ def generate(
                                        cache=cache)
         full_passes, sampler_passes = full_passes + 1, sampler_passes + n_sampler
         for go, pos in picks:
-            order[rows, torch.where(go, n_done, G)] = pos - P
+            order[rows, torch.where(go, n_done, G)] = pos - span[:, 0]
             n_done += go
         if on_step is not None:
-            on_step(generated.detach().cpu())
+            on_step(x.gather(1, span).cpu())
 
-    tokens = generated.tolist()
+    tokens = x.gather(1, span).tolist()
     orders = [o[:n] for o, n in zip(order[:, :G].tolist(), n_done.tolist(), strict=True)]
     text = []
     for row in tokens:
@@ -321,16 +362,17 @@ def generate(
     return GenerateResult(
         prompt_ids=[list(p) for p in prompts], tokens=tokens, text=text, order=orders,
         full_passes=full_passes, sampler_passes=sampler_passes, row_full_passes=row_passes.tolist(),
-        wall_s=time.perf_counter() - t0,
+        wall_s=time.perf_counter() - t0, suffix_ids=[list(sfx) for sfx in suffixes or [[] for _ in prompts]],
     )
 
 
-def encode_text(backbone: Backbone, text: str) -> list[int]:
-    """Token ids of a text prompt, BOS first (added when the tokenizer does not put it there)."""
+def encode_text(backbone: Backbone, text: str, *, bos: bool = True) -> list[int]:
+    """Token ids of a text prompt, BOS first (added when the tokenizer does not put it there); with
+    bos=False, of text that continues a sequence (an infilling suffix): no BOS."""
     if backbone.tokenizer is None:
         raise ValueError(f"backbone {backbone.name!r} has no tokenizer: give token ids, not text")
     ids = list(backbone.tokenizer(text, add_special_tokens=False)["input_ids"])
-    if backbone.bos_id is not None and (not ids or ids[0] != backbone.bos_id):
+    if bos and backbone.bos_id is not None and (not ids or ids[0] != backbone.bos_id):
         ids = [backbone.bos_id] + ids
     return ids
 

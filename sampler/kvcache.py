@@ -4,10 +4,10 @@ At the start of each block one full pass over the whole sequence stores every la
 (a refresh); the full passes inside the block then compute only some columns, attending over the cached
 keys and values of the others:
 
-- prefix: the current block and everything after it, [block start - shift, L); columns before it are
-  read from the cache;
-- dual: the current block only, [block start - shift, block end); columns before and after it are read
-  from the cache.
+- prefix: the current block and everything after it (the rest of the span and, when infilling, the
+  suffix), [block start - shift, L); columns before it are read from the cache;
+- dual: the current block only, [block start - shift, block end); columns before and after it (later
+  blocks, the suffix) are read from the cache.
 
 With the Dream shift (1) the distribution at the block's first position comes from the hidden state just
 before it, so that column is computed too. Cached columns go stale as the block's tokens change (in a

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import numpy as np
@@ -66,13 +66,14 @@ def _kept_output(module: nn.Module | None) -> Iterator[list[torch.Tensor]]:
 
 @torch.no_grad()
 def judge_score(judge: Backbone, prompts: Sequence[Sequence[int]], gens: Sequence[Sequence[int]], *,
-                batch_size: int = 32, features: bool = True,
-                feature_layer: int = -1) -> dict[str, np.ndarray]:
+                batch_size: int = 32, features: bool = True, feature_layer: int = -1,
+                progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
     """Score generated token ids after their prompts under a causal judge (same token ids as the judge's
     vocabulary). Returns per-sample `nll_sum`, `n_tokens` (generated tokens scored) and, with
     `features`, `features`: the judge's hidden states mean-pooled over the generated positions, from
     block `feature_layer` (1 = the first block's output; -1 = the last layer after the final norm).
-    Early blocks carry the more local, lexical signal (broken words, repeated items)."""
+    Early blocks carry the more local, lexical signal (broken words, repeated items). `progress` is called
+    with the number of samples of each batch scored (a progress bar's `update`)."""
     if len(prompts) != len(gens):
         raise ValueError(f"{len(prompts)} prompts but {len(gens)} generations")
     n_layers = judge.args.n_layers
@@ -117,6 +118,8 @@ def judge_score(judge: Backbone, prompts: Sequence[Sequence[int]], gens: Sequenc
                 src = h if block is None else kept.pop()
                 pooled = (src.float() * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1)
                 feats[a:a + len(rows)] = pooled.cpu().numpy()
+            if progress is not None:
+                progress(len(rows))
     out = {"nll_sum": nll_sum, "n_tokens": n_tok}
     if feats is not None:
         out["features"] = feats
@@ -151,9 +154,10 @@ def _minilm_model(pkg):
 
 
 def mauve_score(p_features: np.ndarray, q_features: np.ndarray, *, seeds: Sequence[int] = (1, 2, 3),
-                num_buckets: int | str = "auto") -> dict:
+                num_buckets: int | str = "auto", progress: Callable[[int], None] | None = None) -> dict:
     """MAUVE between two feature sets (p = reference, q = candidate), mean and spread (std) over the
-    k-means seeds. 1 = indistinguishable, near 0 = disjoint."""
+    k-means seeds. 1 = indistinguishable, near 0 = disjoint. `progress` is called with 1 after each seed
+    (each is a k-means fit: seconds to minutes)."""
     try:
         import mauve
     except ImportError as e:
@@ -164,8 +168,12 @@ def mauve_score(p_features: np.ndarray, q_features: np.ndarray, *, seeds: Sequen
         raise ValueError(f"feature sets must be [n, d] with the same d, got {p.shape} and {q.shape}")
     if min(len(p), len(q)) < 10:
         raise ValueError(f"MAUVE needs at least 10 samples per set, got {len(p)} and {len(q)}")
-    vals = [float(mauve.compute_mauve(p_features=p, q_features=q, seed=s, num_buckets=num_buckets,
-                                      verbose=False).mauve) for s in seeds]
+    vals = []
+    for s in seeds:
+        vals.append(float(mauve.compute_mauve(p_features=p, q_features=q, seed=s, num_buckets=num_buckets,
+                                              verbose=False).mauve))
+        if progress is not None:
+            progress(1)
     spread = float(np.std(vals, ddof=1)) if len(vals) > 1 else float("nan")
     return {"mean": float(np.mean(vals)), "se": spread, "n": int(min(len(p), len(q))), "values": vals}
 
@@ -216,10 +224,11 @@ _HF: dict[str, tuple] = {}
 
 
 @torch.no_grad()
-def hf_lm_features(model_dir: str, texts: Sequence[str], batch_size: int = 16, max_length: int = 256
-                   ) -> np.ndarray:
+def hf_lm_features(model_dir: str, texts: Sequence[str], batch_size: int = 16, max_length: int = 256,
+                   progress: Callable[[int], None] | None = None) -> np.ndarray:
     """MAUVE's own featurisation with a local Hugging Face causal LM (e.g. gpt2-large where its weights
-    exist): the last layer's hidden state at each text's final token. Local files only, never a download."""
+    exist): the last layer's hidden state at each text's final token. Local files only, never a download.
+    `progress` is called with the number of texts of each batch done."""
     from transformers import AutoModel, AutoTokenizer
 
     if model_dir not in _HF:
@@ -233,4 +242,6 @@ def hf_lm_features(model_dir: str, texts: Sequence[str], batch_size: int = 16, m
             ids = tok(t if t.strip() else ".", return_tensors="pt", truncation=True, max_length=max_length)
             h = model(**ids).last_hidden_state[0, -1]
             out.append(h.float().numpy())
+        if progress is not None:
+            progress(len(texts[a:a + batch_size]))
     return np.stack(out).astype(np.float32)

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 Mode = Literal["exact", "marginal", "joint"]
 Policy = Literal["entropy", "confidence", "margin", "random"]
 KVCache = Literal["none", "prefix", "dual"]
+Order = Literal["rescore", "planned"]
 MODES: tuple[str, ...] = get_args(Mode)
 POLICIES: tuple[str, ...] = get_args(Policy)
 KV_CACHES: tuple[str, ...] = get_args(KVCache)
@@ -30,6 +31,9 @@ class DecodeSettings(BaseModel):
         candidate of the current block whose top probability is >= threshold is taken from the full
         pass, and at least the best one; in joint mode the sampler then decides uncertain positions one
         after another up to k tokens in all (docs/method.md, "Threshold and hybrid decoding").
+    order: in joint mode with fixed k, how the positions after the first are chosen. rescore: by the
+        sampler's updated distributions at every candidate (a read-out over all of them per sampler
+        step); planned: the full pass's scores fix the k positions, so a sampler step reads out one.
     kv_cache: none, or a block-wise approximate cache of keys and values (prefix: positions before the
         current block are reused; dual: those after it too), refreshed at every new block.
     """
@@ -45,6 +49,7 @@ class DecodeSettings(BaseModel):
     stop_at_eos: bool = False
     threshold: float | None = Field(None, ge=0.0)
     kv_cache: KVCache = "none"
+    order: Order = "rescore"
 
     @field_validator("threshold")
     @classmethod
@@ -53,6 +58,13 @@ class DecodeSettings(BaseModel):
             raise ValueError("exact mode decodes one token per full pass; use mode 'marginal' "
                              "(Fast-dLLM's rule) or 'joint' with a threshold")
         return v
+
+    @model_validator(mode="after")
+    def _planned_is_fixed_k(self) -> DecodeSettings:
+        if self.order == "planned" and self.threshold is not None:
+            raise ValueError("order 'planned' fixes k positions per full pass; a threshold chooses how "
+                             "many as it goes: use order 'rescore' with a threshold")
+        return self
 
     @model_validator(mode="after")
     def _exact_is_one_token(self) -> DecodeSettings:

@@ -9,6 +9,7 @@ Then the loading itself: unknown keys and bad values fail naming the key, layers
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ from ray_jobs.config import (
     load,
     validate,
 )
+from sampler.backbone import parse_hub_id
 from sampler.settings import DecodeSettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,14 +56,51 @@ def test_cluster_yaml_passes_the_cluster_launchers_schema():
     nodes = raw["available_node_types"]
     assert raw["head_node_type"] in nodes
     assert sum(n.get("min_workers", 0) for n in nodes.values()) <= raw["max_workers"]
-    setup = " ".join(raw["setup_commands"])
-    assert SHARED in setup, "the shared storage every config writes to is mounted by setup_commands"
+    init, setup = " ".join(raw["initialization_commands"]), " ".join(raw["setup_commands"])
+    assert "mount -t nfs4" in init and SHARED in init, "the shared storage is mounted on every host"
+    assert f"-v {SHARED}:{SHARED}" in raw["docker"]["run_options"], "and seen by the container"
     (target,) = raw["file_mounts"]
     assert f"pip install -q -e \"{target}[" in setup, "the project installed from where it is mounted"
     broken = copy.deepcopy(raw)
     broken["available_node_types"]["gpu_worker"]["max_workers"] = "eight"
     with pytest.raises(Exception, match="max_workers"):
         validate_config(prepare_config(broken))
+
+
+def test_cluster_yaml_against_rays_schema_file_as_written():
+    """The file itself (before the launcher fills in defaults) against the schema the installed Ray ships;
+    what the rsync of the working tree leaves out; the hub CLI of current huggingface_hub."""
+    import jsonschema
+    import ray.autoscaler
+
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    text = (ROOT / "cluster.yaml").read_text()
+    raw = yaml.safe_load(text)
+    jsonschema.validate(raw, schema)
+    for key, bad in (("rsync_exclude", ".venv"), ("rsync_excludes", [".venv"])):  # a string; a misspelt key
+        with pytest.raises(jsonschema.ValidationError, match=key):
+            jsonschema.validate(raw | {key: bad}, schema)
+    assert {".git", ".venv", "runs"} <= set(raw["rsync_exclude"]) and raw["rsync_filter"] == [".gitignore"]
+    assert "huggingface-cli" not in text and "hf download " in text  # gone from current huggingface_hub
+
+
+def test_cluster_environment_satisfies_the_projects_python_and_ray():
+    """The container image's Python and Ray versions (its tag: <ray>-py<3XY>-gpu) against pyproject.toml;
+    hub ids resolve into one cache on the shared storage."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    docker = yaml.safe_load((ROOT / "cluster.yaml").read_text())["docker"]
+    repo, tag = docker["image"].split(":")
+    ray_version, py, platform = tag.split("-")
+    assert repo == "rayproject/ray" and platform == "gpu" and py.startswith("py3")
+    assert f"3.{py[3:]}" in SpecifierSet(project["requires-python"]), f"{docker['image']}: Python too old"
+    (ray_req,) = [Requirement(d) for d in project["dependencies"] if Requirement(d).name == "ray"]
+    assert ray_version in ray_req.specifier, f"{docker['image']}: Ray outside {ray_req}"
+    assert f"-e HF_HOME={SHARED}/huggingface" in docker["run_options"]
 
 
 @pytest.mark.parametrize("path", [p for p in CONFIGS if p.stem != "serve" and job_of(p) != "quickstart"],
@@ -84,6 +123,8 @@ def test_job_config_keys_values_and_paths(path):
         for item in str(value).split(","):  # train's data may name several teacher directories
             if item.startswith("/"):
                 assert item.startswith(SHARED + "/"), f"{path.name}: {key} {item} is not on shared storage"
+            elif key in ("backbone", "judge") and parse_hub_id(item) and not (ROOT / item).exists():
+                continue  # a hub id: resolved through the Hugging Face cache
             elif not item.startswith("runs/"):  # runs/...: the laptop pipeline's own outputs
                 assert (ROOT / item).exists(), f"{path.name}: {key} {item} does not exist in the repo"
     if cfg.out.startswith("/"):
@@ -150,6 +191,7 @@ def serve_args(path: Path, gpus: int | None) -> tuple[dict, dict, dict]:
     for dep in deps.values():
         auto = dep["autoscaling_config"]
         assert 1 <= auto["min_replicas"] <= auto["max_replicas"] and auto["target_ongoing_requests"] > 0
+        assert dep["graceful_shutdown_timeout_s"] >= 60  # downscaling lets running streams finish
     assert deps["Generator"]["ray_actor_options"].get("num_gpus") == gpus
     if gpus:
         assert args["require_api_key"] is True  # a proxy on every interface needs a key

@@ -294,3 +294,40 @@ def test_rows_stop_independently(toy, mode, threshold):
     for b, one in enumerate(alone):
         assert batch.tokens[b] == one.tokens[0] and batch.order[b] == one.order[0]
     assert len({len(o) for o in batch.order}) > 1  # the rows really did stop at different points
+
+
+def test_planned_order_reads_out_the_full_pass_plan(toy):
+    """order='planned': the full pass fixes the k positions. An untrained sampler gives marginal decoding
+    token for token; the oracle sampler keeps exact's tokens at each planned position (it conditions on
+    every token written), in the full pass's order; k=1 is exact; a threshold is refused."""
+    prompts = encode_prompts(toy, ["A journey of", "To be, or not", "Name"])
+    untrained = JointSampler.for_backbone(toy, seed=0)
+    a = generate(toy, prompts, mode="marginal", k=3, gen_length=9, seed=5)
+    b = generate(toy, prompts, sampler=untrained, mode="joint", k=3, gen_length=9, seed=5, order="planned")
+    assert a.tokens == b.tokens and a.order == b.order and b.sampler_passes == 6
+    oracle = generate(toy, prompts, sampler=OracleSampler(toy), mode="joint", k=3, gen_length=9,
+                      temperature=0, order="planned")
+    for b, p in enumerate(prompts):  # the rule written out for one row
+        x = torch.tensor([p + [toy.mask_id] * 9])
+
+        def dist(x):
+            with torch.no_grad():
+                logits = toy(x)[1][0].float()
+            logits[:, toy.mask_id] = -1e9  # finite: 0 * log 0 stays 0 in the entropy
+            return torch.log_softmax(logits, -1)
+
+        order = []
+        while (x[0] == toy.mask_id).any():
+            lp = dist(x)
+            masked = [i for i in range(len(p), x.shape[1]) if x[0, i] == toy.mask_id]
+            plan = sorted(masked, key=lambda i: -(lp[i].exp() * lp[i]).sum().item())[:3]
+            for i in plan:
+                x[0, i] = dist(x)[i].argmax()
+                order.append(i - len(p))
+        assert oracle.tokens[b] == x[0, len(p):].tolist() and oracle.order[b] == order
+    one = generate(toy, prompts, sampler=untrained, mode="joint", k=1, gen_length=9, temperature=0,
+                   order="planned")
+    exact = generate(toy, prompts, mode="exact", gen_length=9, temperature=0)
+    assert one.tokens == exact.tokens and one.order == exact.order
+    with pytest.raises(ValueError, match="planned"):
+        generate(toy, prompts, sampler=untrained, mode="joint", k=3, threshold=0.9, order="planned")

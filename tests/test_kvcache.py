@@ -128,7 +128,7 @@ def batch_in_blocks(bb: Backbone, block: int = 4, gen: int = 12) -> tuple[torch.
     """A packed batch whose rows are in different blocks (row 0 in block 0, row 1 in block 1, row 2 in
     block 2), with random tokens already decoded before each row's current block."""
     prompts = prompts_for(bb)
-    x, attn = pack_rows(bb, prompts, gen)
+    x, attn, _ = pack_rows(bb, prompts, gen)
     L = x.shape[1]
     P = L - gen
     block_id = torch.cat([torch.full((P,), gen), torch.arange(gen) // block]).expand(len(prompts), -1)

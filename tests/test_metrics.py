@@ -54,9 +54,11 @@ def test_judge_nll_matches_transformers_and_ignores_padding(toy_pair):
         want = -sum(float(logp[len(p) + j - 1, t]) for j, t in enumerate(g))
         assert got["n_tokens"][i] == len(g)
         assert got["nll_sum"][i] == pytest.approx(want, rel=1e-4, abs=1e-4)
-    alone = metrics.judge_score(judge, prompts[2:], gens[2:], batch_size=1)  # no padding at all
-    assert alone["nll_sum"][0] == pytest.approx(got["nll_sum"][2], rel=1e-4)
-    assert np.allclose(alone["features"][0], got["features"][2], atol=1e-4)
+    done: list[int] = []  # a progress bar's update, called with the samples of each batch
+    alone = metrics.judge_score(judge, prompts[1:], gens[1:], batch_size=1, progress=done.append)
+    assert done == [1, 1]  # one batch each, no padding at all
+    assert alone["nll_sum"][1] == pytest.approx(got["nll_sum"][2], rel=1e-4)
+    assert np.allclose(alone["features"][1], got["features"][2], atol=1e-4)
     with pytest.raises(ValueError, match="vocabulary"):
         metrics.judge_score(judge, [[judge.bos_id]], [[V + 5]])
 
@@ -93,8 +95,10 @@ def test_mauve_is_wired_the_right_way_round(toy_pair):
     rng = np.random.default_rng(0)
     rand = [list(rng.integers(0, backbone.args.vocab_size, 16)) for _ in prompts]
     fa, fb, fr = (metrics.judge_score(judge, prompts, g)["features"] for g in (a.tokens, b.tokens, rand))
-    same = metrics.mauve_score(fa, fb, seeds=[1, 2])
+    fits: list[int] = []
+    same = metrics.mauve_score(fa, fb, seeds=[1, 2], progress=fits.append)
     diff = metrics.mauve_score(fa, fr, seeds=[1, 2])
+    assert fits == [1, 1], "progress: one step per seed's k-means fit"
     assert same["mean"] > 0.8 and diff["mean"] < 0.3, (same, diff)
     assert same["n"] == 160 and len(same["values"]) == 2
     # the sentence-encoder path, on the decoded texts
