@@ -7,13 +7,27 @@ pass), `threshold` (confidence-threshold decoding), `kv_cache` (none / prefix / 
 in exact mode. The decoding fields' types come from `sampler.settings`, and their values are validated
 there (one place), by the generator, with the server's limits and what depends on the served model
 (context length, max `k`, whether a sampler is loaded); a bad value is a 400 that names the field.
+
+Completions take OpenAI's `suffix`: infilling. The sequence is prompt, a masked span of `max_tokens`,
+suffix; the span is decoded by the same modes, the answer's text is the span only (cut at EOS and at stop
+strings; the suffix stays as given), streamed the same way.
+
+Strict: a field the server cannot honour is a 400 that names it (as vLLM does), never silently dropped.
+Fields with no effect on the answer pass (`user`, `metadata`, `store`, `service_tier`,
+`prompt_cache_key`, `safety_identifier`); OpenAI's sampling fields this server does not implement
+(`echo`, `best_of`, penalties, `logit_bias`, `logprobs`, `top_k`, `min_p`, `response_format`, tools) pass
+only with the value that turns them off, which some clients always send (`best_of` equal to `n`); any
+other field is refused. A completion's `prompt` is text, token ids, or a list of either (several
+prompts); an empty prompt ("" or []) generates unconditionally, from BOS.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from sampler.settings import KVCache, Mode, Policy
 
@@ -54,15 +68,34 @@ def validation_error(exc: ValidationError) -> ApiError:
     """The first pydantic error as a 400 that names the offending field (e.g. `messages.0.content`)."""
     err = exc.errors()[0]
     param = field_path(err["loc"])
-    msg = err["msg"]
+    msg, code = err["msg"], "invalid_value"
     if err["type"] == "missing":
         msg = "field required"
-    return ApiError(400, f"{param}: {msg}" if param else msg, param=param, code="invalid_value")
+    elif err["type"] == "extra_forbidden":
+        msg, code = "not supported by this server", "unsupported_parameter"
+    elif err["type"] == "unsupported":  # _Request._not_implemented
+        code = "unsupported_parameter"
+    elif err["type"] == "value_error":
+        msg = str(err["ctx"]["error"])
+    return ApiError(400, f"{param}: {msg}" if param else msg, param=param, code=code)
+
+
+# OpenAI fields this server cannot honour -> the values that turn them off (accepted: some clients always
+# send them); `best_of` is off when equal to n
+OFF_VALUES: dict[str, tuple] = {
+    "echo": (False,), "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},),
+    "logprobs": (False,), "top_logprobs": (0,), "top_k": (-1, 0), "min_p": (0,),
+    "response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none",),
+}
+
+
+def _off(value: Any, offs: tuple) -> bool:
+    return any(value == o and isinstance(value, bool) == isinstance(o, bool) for o in offs)  # 0 is not False
 
 
 class _Request(BaseModel):
-    # unknown fields are ignored (clients send e.g. `user`, `frequency_penalty` defaults)
-    model_config = ConfigDict(extra="ignore")
+    # unknown fields are refused by name: an answer must never silently ignore what was asked
+    model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
@@ -73,8 +106,26 @@ class _Request(BaseModel):
     stream_options: StreamOptions | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: str | list[str] | None = None
-    logprobs: Any = None
+    # no effect on the answer
     user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    # not implemented: accepted only when off (OFF_VALUES)
+    echo: Any = None
+    best_of: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    logit_bias: Any = None
+    logprobs: Any = None
+    top_logprobs: Any = None
+    top_k: Any = None
+    min_p: Any = None
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
     # extensions
     mode: Mode | None = None
     k: int | None = None
@@ -96,12 +147,16 @@ class _Request(BaseModel):
             raise ValueError("stop sequences must be non-empty")
         return stops
 
-    @field_validator("logprobs")
+    @field_validator(*OFF_VALUES, "best_of")
     @classmethod
-    def _logprobs(cls, v: Any) -> Any:
-        if v not in (None, False, 0):
-            raise ValueError("logprobs are not supported by this server")
-        return None
+    def _not_implemented(cls, v: Any, info: ValidationInfo) -> Any:
+        name = info.field_name
+        offs = (info.data.get("n", 1),) if name == "best_of" else OFF_VALUES[name]
+        if v is None or _off(v, offs):
+            return None
+        shown = "equal to n" if name == "best_of" else " or ".join(json.dumps(o) for o in offs)
+        raise PydanticCustomError("unsupported", "not supported by this server (accepted only as {offs})",
+                                  {"offs": shown})
 
     def decoding(self) -> dict[str, Any]:
         """The decoding settings the generator reads (None = server default)."""
@@ -112,31 +167,33 @@ class _Request(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
 
 
-class CompletionRequest(_Request):
-    prompt: str | list[str]
+TokenIds = list[StrictInt]  # checked against the vocabulary by the generator
 
-    @field_validator("prompt")
-    @classmethod
-    def _prompt(cls, v: str | list[str]) -> str | list[str]:
-        items = [v] if isinstance(v, str) else v
-        if not items:
-            raise ValueError("prompt must not be empty")
-        if any(not s.strip() for s in items):
-            raise ValueError("prompt must not be empty")
-        return v
+
+class CompletionRequest(_Request):
+    prompt: str | list[str] | TokenIds | list[TokenIds]
+    suffix: str | None = None  # infilling: the text after the span (the same for every prompt)
+
+    def prompts(self) -> list[str | list[int]]:
+        """One entry per prompt: text or token ids. "" and [] are one empty prompt (generation from BOS)."""
+        p = self.prompt
+        if isinstance(p, str) or not p or isinstance(p[0], int):
+            return [p]
+        return list(p)
 
 
 class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
     name: str | None = None
@@ -238,6 +295,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "jointgen"
+    max_model_len: int  # the backbone's context: prompt + max_tokens (+ suffix) must fit
     sampler: str  # "loaded" (from a directory), "untrained" or "none"
     backbone_identity: str
 

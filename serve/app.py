@@ -5,7 +5,8 @@
     serve run serve.app:build_app backbone=DIR sampler=DIR
 
 Routes: POST /v1/completions, POST /v1/chat/completions (both with stream=true), GET /v1/models,
-GET /health, GET /v1/stats (the generator's batching counters, from one replica).
+GET /v1/models/{id}, GET /health, GET /v1/stats (the generator's batching counters, from one replica).
+Prometheus metrics (serve/metrics.py) go out through Ray's metrics agent, not through these routes.
 """
 
 
@@ -29,7 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
-from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -45,6 +46,7 @@ from serve.api import (
     validation_error,
 )
 from serve.generator import SAMPLER_CHOICES, Engine, ServeDefaults, ServeLimits
+from serve.metrics import ingress_metrics
 
 CONFIG = Path(__file__).with_name("config.yaml")
 # the generator replica (or its node) went away: worth retrying on another / the replacement replica
@@ -53,31 +55,67 @@ REPLICA_FAILURES = (RayActorError, ActorUnavailableError, ReplicaUnavailableErro
 app = FastAPI(title="jointgen", description="Masked diffusion LM with a joint sampler, OpenAI-style API")
 
 
-@app.exception_handler(ApiError)
-async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+def _endpoint(scope: dict[str, Any]) -> str:
+    """The metrics' endpoint tag: the matched route's path template (bounded, unlike raw paths)."""
+    return getattr(scope.get("route"), "path", "unmatched")
+
+
+def _error_response(request: Request, exc: ApiError, headers: dict[str, str] | None = None) -> JSONResponse:
+    ingress_metrics().error(_endpoint(request.scope), exc.status, exc.code)
     return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+class CountRequests:
+    """ASGI middleware: every HTTP answer into `jointgen_requests` by endpoint and status (a stream
+    counts when its status line goes out; an unhandled exception counts as 500)."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500
+
+        async def send_status(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            ingress_metrics().requests.inc(tags={"endpoint": _endpoint(scope), "status": str(status)})
+
+
+app.add_middleware(CountRequests)
+
+
+@app.exception_handler(ApiError)
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return _error_response(request, exc, {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None)
 
 
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
     msg = f"{request.method} {request.url.path}: {exc.detail}"
-    return JSONResponse(ApiError(exc.status_code, msg, code=code).body(), status_code=exc.status_code)
+    return _error_response(request, ApiError(exc.status_code, msg, code=code))
 
 
 @app.exception_handler(RequestValidationError)
-async def _request_invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+async def _request_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
     errs = exc.errors()
     param = field_path(errs[0]["loc"]) if errs else None
     msg = f"{param}: {errs[0]['msg']}" if errs else "invalid request"
-    return JSONResponse(ApiError(400, msg, param=param or None, code="invalid_value").body(), status_code=400)
+    return _error_response(request, ApiError(400, msg, param=param or None, code="invalid_value"))
 
 
 @app.exception_handler(Exception)
-async def _internal(_: Request, exc: Exception) -> JSONResponse:
+async def _internal(request: Request, exc: Exception) -> JSONResponse:
     # a bug, not a bad request: still an OpenAI-shaped body, and the replica stays up
-    return JSONResponse(ApiError(500, f"internal error: {type(exc).__name__}: {exc}").body(), status_code=500)
+    return _error_response(request, ApiError(500, f"internal error: {type(exc).__name__}: {exc}"))
 
 
 def _usage(req: Any) -> bool:
@@ -95,8 +133,10 @@ def _sse(obj: dict[str, Any] | str) -> bytes:
 
 # NB: serve.ingress pickles the FastAPI app when the class is defined: helpers its routes use must be
 # defined above this line.
+# graceful_shutdown_timeout_s: a replica taken down by downscaling first lets its streams finish
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=128,
-                  autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 32})
+                  autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 32},
+                  graceful_shutdown_timeout_s=60)
 @serve.ingress(app)
 class Ingress:
     """HTTP only: authentication, body limits, schema validation, OpenAI response shapes, retries. The
@@ -238,10 +278,12 @@ class Ingress:
                                     jointgen=event["info"])
                         if include_usage:
                             yield chunk([], usage=event["usage"])
-            except ApiError as e:  # headers are gone: the error travels as an SSE event (the client raises)
-                yield _sse(e.body())
-            except Exception as e:  # a bug: still end the stream cleanly
-                yield _sse(ApiError(500, f"internal error: {type(e).__name__}: {e}").body())
+            except Exception as e:  # headers are gone: the error travels as an SSE event (the client raises)
+                err = e if isinstance(e, ApiError) else ApiError(500, f"internal error: {type(e).__name__}: "
+                                                                      f"{e}")  # a bug: end the stream cleanly
+                ingress_metrics().error("/v1/chat/completions" if chat else "/v1/completions", err.status,
+                                        err.code)
+                yield _sse(err.body())
             yield _sse("[DONE]")
 
         return StreamingResponse(body(), media_type="text/event-stream",
@@ -252,18 +294,32 @@ class Ingress:
     @app.get("/health")
     async def health(self) -> JSONResponse:
         try:
+            await asyncio.wait_for(self.generator.check_health.remote(), timeout=10)
             info = await asyncio.wait_for(self.generator.info.remote(), timeout=10)
         except (TimeoutError, *REPLICA_FAILURES) as e:
             raise ApiError(503, f"generator not ready: {type(e).__name__}", code="not_ready") from None
+        except RayTaskError as e:  # check_health raised: Serve replaces that replica
+            raise ApiError(503, f"generator unhealthy: {e.cause}", code="unhealthy") from None
         return JSONResponse({"status": "ok", "model": info["model"], "sampler": info["sampler"]})
+
+    async def _card(self) -> ModelCard:
+        info = await self.info()
+        return ModelCard(id=info["model"], created=info["created"], max_model_len=info["max_seq_len"],
+                         sampler=info["sampler"], backbone_identity=info["backbone_identity"])
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> JSONResponse:
         self._auth(request)
-        info = await self.info()
-        card = ModelCard(id=info["model"], created=info["created"], sampler=info["sampler"],
-                         backbone_identity=info["backbone_identity"])
-        return JSONResponse(ModelList(data=[card]).model_dump())
+        return JSONResponse(ModelList(data=[await self._card()]).model_dump())
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(self, model_id: str, request: Request) -> JSONResponse:
+        self._auth(request)
+        card = await self._card()
+        if model_id != card.id:
+            raise ApiError(404, f"model: the model {model_id!r} does not exist; this server serves "
+                                f"{card.id!r}", param="model", code="model_not_found")
+        return JSONResponse(card.model_dump())
 
     @app.get("/v1/stats")
     async def stats(self, request: Request) -> JSONResponse:
@@ -273,9 +329,10 @@ class Ingress:
     @app.post("/v1/completions")
     async def completions(self, request: Request):
         req, info = await self._parse(request, CompletionRequest)
-        payload = {"kind": "completion", "prompt": req.prompt, "decoding": req.decoding(),
-                   "stream": req.stream}
-        n_prompts = 1 if isinstance(req.prompt, str) else len(req.prompt)
+        prompts = req.prompts()
+        payload = {"kind": "completion", "prompt": prompts, "suffix": req.suffix,
+                   "decoding": req.decoding(), "stream": req.stream}
+        n_prompts = len(prompts)
         if req.stream:
             return await self._stream_response(payload, chat=False, model=info["model"],
                                                n_choices=n_prompts * req.n, include_usage=_usage(req))
@@ -303,7 +360,8 @@ class Ingress:
 
 Generator = serve.deployment(name="Generator", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64,
                              autoscaling_config={"min_replicas": 1, "max_replicas": 2,
-                                                 "target_ongoing_requests": 4})(Engine)
+                                                 "target_ongoing_requests": 4},
+                             graceful_shutdown_timeout_s=60)(Engine)
 
 
 # ---- application builder -----------------------------------------------------------------------------
@@ -323,6 +381,8 @@ class AppArgs(BaseModel):
     max_batch_size: int = Field(16, ge=1)
     batch_wait_s: float = Field(0.01, ge=0)
     torch_threads: int | None = Field(None, ge=1)
+    max_step_failures: int = Field(3, ge=1, description="consecutive failed decoding steps that make the "
+                                   "generator's health check fail (Serve then replaces the replica)")
     api_key_env: str = "JOINTGEN_API_KEY"
     api_key_file: str | None = None
     require_api_key: bool = False
@@ -363,8 +423,7 @@ def build(args: dict[str, Any] | AppArgs, deployment_options: dict[str, dict[str
     gen = Generator.options(**opts.get("Generator", {})).bind(
         str(checkpoint), a.sampler, model_name=a.model_name, device=a.device, dtype=a.dtype,
         defaults=a.defaults.model_dump(), limits=a.limits.model_dump(), max_batch_size=a.max_batch_size,
-        batch_wait_s=a.batch_wait_s,
-        torch_threads=a.torch_threads)
+        batch_wait_s=a.batch_wait_s, torch_threads=a.torch_threads, max_step_failures=a.max_step_failures)
     return Ingress.options(**opts.get("Ingress", {})).bind(
         gen, api_key_sha256=api_key_hash(a), max_body_bytes=a.max_body_bytes, retries=a.retries,
         retry_wait_s=a.retry_wait_s)
@@ -416,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override an application arg, e.g. --set defaults.k=2 --set max_batch_size=8")
     p.add_argument("--num-cpus", type=float, help="CPUs of the local Ray cluster if one is started")
+    p.add_argument("--metrics-port", type=int,
+                   help="Prometheus metrics port of the local Ray cluster if one is started (default: Ray's)")
     ns = p.parse_args(argv)
     try:
         args, deployments, http = load_config(ns.config)
@@ -439,12 +500,16 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    ray.init(num_cpus=ns.num_cpus) if ns.num_cpus else ray.init()
+    local = {k: v for k, v in (("num_cpus", ns.num_cpus), ("_metrics_export_port", ns.metrics_port)) if v}
+    ray.init(**local)
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(application, name="jointgen", route_prefix="/")
+        node = ray.get_runtime_context().get_node_id()
+        metrics = next((n["MetricsExportPort"] for n in ray.nodes() if n["NodeID"] == node), None)
         print(f"jointgen serve: OpenAI-style API at http://{host}:{port}/v1 "
-              f"(auth {'on' if keyed else 'off'}); Ctrl-C stops", flush=True)
+              f"(auth {'on' if keyed else 'off'}); Prometheus metrics of this node at "
+              f"http://127.0.0.1:{metrics}/metrics; Ctrl-C stops", flush=True)
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
         while True:
             time.sleep(3600)

@@ -37,10 +37,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sampler.backbone import backbone_dir, parse_dtype
-from sampler.decode import candidates, encode_chat, encode_text, pack_rows, unmask_step
+from sampler.decode import NOT_GENERATED, candidates, encode_chat, encode_text, pack_rows, unmask_step
 from sampler.kvcache import BlockKVCache
 from sampler.settings import DecodeSettings, Mode
 from serve.api import ApiError, validation_error
+from serve.metrics import GeneratorMetrics
 
 log = logging.getLogger("jointgen.serve")
 
@@ -93,6 +94,7 @@ class Job:
     enqueued: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
     rows: list[Row] = field(default_factory=list)
+    suffix: list[int] = field(default_factory=list)  # infilling: token ids after every row's span
     # filled while decoding
     admitted: float = 0.0
     tokens: list[list[int] | None] = field(default_factory=list)  # per row, once finished
@@ -101,6 +103,8 @@ class Job:
     max_batch_requests: int = 0
     max_batch_rows: int = 0
     shared_passes: int = 0  # full passes this request shared with at least one other request
+    prompt_tokens: int = 0  # usage: each prompt (and suffix) once, whatever n
+    first_delta: float = 0.0  # when the first streamed text left (time to first token)
 
     def emit(self, event: dict[str, Any]) -> None:
         """Thread-safe: the model thread hands events to the replica's event loop."""
@@ -114,7 +118,8 @@ class Engine:
                  model_name: str | None = None, device: str = "auto", dtype: str | None = None,
                  defaults: dict[str, Any] | ServeDefaults | None = None,
                  limits: dict[str, int] | ServeLimits | None = None,
-                 max_batch_size: int = 16, batch_wait_s: float = 0.01, torch_threads: int | None = None):
+                 max_batch_size: int = 16, batch_wait_s: float = 0.01, torch_threads: int | None = None,
+                 max_step_failures: int = 3):
         from sampler import JointSampler, load_backbone
 
         if torch_threads:
@@ -161,6 +166,9 @@ class Engine:
         self._stats = {"full_passes": 0, "requests": 0, "rows": 0, "max_batch_requests": 0, "errors": 0}
         self._hist: Counter[int] = Counter()  # requests per full pass -> number of full passes
         self._recent: deque[int] = deque(maxlen=64)
+        self.max_step_failures = int(max_step_failures)
+        self._failures = 0  # consecutive failed decoding steps (check_health)
+        self.metrics = GeneratorMetrics()
 
     # ---- introspection -----------------------------------------------------------------------------
 
@@ -190,6 +198,17 @@ class Engine:
                 "running": sum(len(lane.jobs()) for lane in lanes), "lanes": len(lanes),
                 "pid": os.getpid(), "replica": self.replica_id()}
 
+    def check_health(self) -> None:
+        """Serve's health check (every `health_check_period_s`): raising marks the replica unhealthy and
+        Serve replaces it. Unhealthy: the decoding loop has died, or its last `max_step_failures` steps
+        all failed (a broken device, say)."""
+        task = self._loop_task
+        if task is not None and task.done():
+            why = "was cancelled" if task.cancelled() else f"raised {task.exception()!r}"
+            raise RuntimeError(f"the decoding loop died: it {why}")
+        if self._failures >= self.max_step_failures:
+            raise RuntimeError(f"the last {self._failures} decoding steps failed")
+
     def effective_defaults(self) -> ServeDefaults:
         if self.defaults.mode == "joint" and self.sampler is None:
             # the configured default needs a sampler; an explicit request for joint gets a 400
@@ -200,7 +219,9 @@ class Engine:
 
     def encode(self, request: dict[str, Any]) -> tuple[list[list[int]], str]:
         """Token ids of each prompt (one path with the library: `sampler.decode.encode_text/_chat`), and
-        the name of the field they came from."""
+        the name of the field they came from. A completion's `prompt` is one text or a list of prompts,
+        each text or token ids; ids are checked against the vocabulary and get BOS first like text. An
+        empty prompt is [BOS]: unconditional generation."""
         if self.backbone.tokenizer is None:
             raise ApiError(400, "this model has no tokenizer; text requests are not possible",
                            code="no_tokenizer")
@@ -210,8 +231,34 @@ class Engine:
             except ValueError as e:
                 code = "no_chat_template" if "no chat template" in str(e) else "invalid_value"
                 raise ApiError(400, f"messages: {e}", param="messages", code=code) from None
-        texts = [request["prompt"]] if isinstance(request["prompt"], str) else request["prompt"]
-        return [encode_text(self.backbone, t) for t in texts], "prompt"
+        b = self.backbone
+        prompts = []
+        for p in [request["prompt"]] if isinstance(request["prompt"], str) else request["prompt"]:
+            if isinstance(p, str):
+                ids = encode_text(b, p)
+            else:
+                for t in p:
+                    if not 0 <= t < b.args.vocab_size or t == b.mask_id:
+                        what = "the mask token" if t == b.mask_id else \
+                            f"outside the vocabulary (0 to {b.args.vocab_size - 1})"
+                        raise ApiError(400, f"prompt: token id {t} is {what}", param="prompt",
+                                       code="invalid_value")
+                ids = list(p) if b.bos_id is None or p[:1] == [b.bos_id] else [b.bos_id, *p]
+            if not ids:
+                raise ApiError(400, "prompt: an empty prompt starts from BOS and this model has no BOS token",
+                               param="prompt", code="invalid_value")
+            prompts.append(ids)
+        return prompts, "prompt"
+
+    def encode_suffix(self, request: dict[str, Any]) -> list[int]:
+        """Token ids of a completion's `suffix` (infilling), without BOS: it continues the sequence after
+        the span. [] when there is none."""
+        if not request.get("suffix"):
+            return []
+        if self.backbone.tokenizer is None:
+            raise ApiError(400, "suffix: this model has no tokenizer; a text suffix is not possible",
+                           param="suffix", code="no_tokenizer")
+        return encode_text(self.backbone, request["suffix"], bos=False)
 
     def prepare(self, request: dict[str, Any], loop: asyncio.AbstractEventLoop) -> Job:
         """Validate a request against the served model and the limits; raise ApiError naming the field."""
@@ -245,13 +292,19 @@ class Engine:
         if longest + max_tokens > ctx:
             raise ApiError(400, f"{field_name}: {longest} prompt tokens + max_tokens {max_tokens} exceed the "
                                 f"model's context of {ctx}", param=field_name, code="context_length_exceeded")
+        suffix = self.encode_suffix(request)
+        if longest + max_tokens + len(suffix) > ctx:
+            raise ApiError(400, f"suffix: {longest} prompt tokens + max_tokens {max_tokens} + {len(suffix)} "
+                                f"suffix tokens exceed the model's context of {ctx}", param="suffix",
+                           code="context_length_exceeded")
         seed = d.get("seed")
         # rows of any gen length share full passes; the settings must match, and a seeded request is alone
         key = (settings, ("seed", int(seed), uuid.uuid4().hex) if seed is not None else ("shared",))
         rows = [p for p in prompts for _ in range(n)]
         return Job(id=uuid.uuid4().hex[:12], prompts=rows, settings=settings, gen_length=max_tokens,
                    seed=None if seed is None else int(seed), stop=d.get("stop") or [],
-                   stream=bool(request.get("stream")), key=key, loop=loop, rows=[Row() for _ in rows])
+                   stream=bool(request.get("stream")), key=key, loop=loop, rows=[Row() for _ in rows],
+                   suffix=suffix, prompt_tokens=sum(len(p) + len(suffix) for p in prompts))
 
     # ---- the request method (a streaming method: the ingress calls it with stream=True) -----------------
 
@@ -307,15 +360,21 @@ class Engine:
             turn += 1
             try:
                 await asyncio.to_thread(self._step, lane)
+                self._failures = 0
             except Exception as e:  # never let one step kill the replica: its requests get a clean error
                 self._stats["errors"] += 1
+                self._failures += 1
                 log.exception("decoding step failed")
                 status = 400 if isinstance(e, ValueError) else 500
+                self.metrics.step_failures.inc(tags={"status": str(status)})
                 for job in lane.jobs() + list(lane.pending):
                     job.emit({"event": "error", "status": status, "message": f"generation failed: {e}",
                               "param": None, "code": "generation_failed",
                               "type": "invalid_request_error" if status == 400 else "server_error"})
                 self._lanes = {k: v for k, v in self._lanes.items() if v is not lane}
+            held = list(self._lanes.values())
+            self.metrics.waiting.set(len(self._waiting) + sum(len(h.pending) for h in held))
+            self.metrics.running.set(sum(h.n_rows() for h in held))
 
     def _step(self, lane: Lane) -> None:
         """In the model thread: admit, one full pass (+ its sampler passes), stream, retire."""
@@ -324,6 +383,7 @@ class Engine:
             job = lane.pending.popleft()
             if not job.cancelled:
                 job.admitted = time.perf_counter()
+                self.metrics.queue_s.observe(job.admitted - job.enqueued)
                 job.tokens = [None] * len(job.prompts)
                 lane.admit(job)
         if not lane.n_rows():
@@ -331,6 +391,11 @@ class Engine:
         jobs = lane.jobs()
         sampler_passes = lane.step()
         n_jobs, n_rows = len(jobs), lane.n_rows()
+        mode = {"mode": lane.settings.mode}
+        self.metrics.full_passes.inc(tags=mode)
+        if sampler_passes:
+            self.metrics.sampler_passes.inc(sampler_passes, tags=mode)
+        self.metrics.batch_rows.observe(n_rows, tags=mode)
         self._stats["full_passes"] += 1
         self._stats["max_batch_requests"] = max(self._stats["max_batch_requests"], n_jobs)
         self._hist[n_jobs] += 1
@@ -360,16 +425,23 @@ class Engine:
             text = self.backbone.tokenizer.decode(tokens[:n_tok], skip_special_tokens=True)
             text, hit_stop = cut_at_stop(text, job.stop)
             finish = "stop" if hit_stop or n_tok < len(tokens) else "length"
+            if hit_stop:  # the tokens the answer's text needs, not those decoded past the stop string
+                n_tok = tokens_covering(self.backbone.tokenizer, tokens[:n_tok], len(text))
             completion_tokens += n_tok
             if job.stream:
                 row = job.rows[r]
                 if not row.finished and text.startswith(row.sent) and len(text) > len(row.sent):
-                    job.emit({"event": "delta", "index": r, "text": text[len(row.sent):]})
+                    self._delta(job, r, text[len(row.sent):])
                 row.sent, row.finished = text, True
             choices.append({"index": r, "text": text, "finish_reason": finish})
         self._stats["requests"] += 1
         self._stats["rows"] += len(job.prompts)
-        prompt_tokens = sum(len(p) for p in job.prompts)
+        prompt_tokens = job.prompt_tokens
+        if prompt_tokens:
+            self.metrics.prompt_tokens.inc(prompt_tokens)
+        if completion_tokens:
+            self.metrics.completion_tokens.inc(completion_tokens)
+        self.metrics.decode_s.observe(done_at - job.admitted, tags={"mode": settings.mode})
         rates = [row.decoded / row.passes for row in job.rows if row.passes]
         info = {"mode": settings.mode, "k": settings.k, "threshold": settings.threshold,
                 "kv_cache": settings.kv_cache, "full_passes": job.full_passes,
@@ -382,6 +454,12 @@ class Engine:
         job.emit({"event": "done", "choices": choices, "info": info,
                   "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                             "total_tokens": prompt_tokens + completion_tokens}})
+
+    def _delta(self, job: Job, r: int, text: str) -> None:
+        if not job.first_delta:
+            job.first_delta = time.perf_counter()
+            self.metrics.first_token_s.observe(job.first_delta - job.enqueued)
+        job.emit({"event": "delta", "index": r, "text": text})
 
     def _stream_row(self, job: Job, r: int, ids: list[int], eos: int | None) -> None:
         """Send the growth of row r's longest finished prefix (contiguous from the start, cut at EOS)."""
@@ -399,19 +477,20 @@ class Engine:
                 text = text[: max(len(text) - hold, len(job.rows[r].sent))]
         row = job.rows[r]
         if text.startswith(row.sent) and len(text) > len(row.sent):
-            job.emit({"event": "delta", "index": r, "text": text[len(row.sent):]})
+            self._delta(job, r, text[len(row.sent):])
             row.sent = text
         row.finished = hit_stop or ended
 
 
-BIG = 1 << 30  # block id of columns that are not generated
+BIG = NOT_GENERATED  # block id of columns that are not generated (padding, prompt, suffix)
 
 
 class Lane:
     """Rows decoding with one set of settings, each right-aligned in a shared [rows, columns] batch:
-    left padding, prompt, generated region. Rows join and leave between full passes; a step is one full
-    pass and its sampler passes, the same algorithm as `sampler.generate` (one `unmask_step`) with the
-    batch changing between passes (docs/method.md, "The decoding loop")."""
+    left padding, prompt, generated span, suffix (`sampler.decode.pack_rows`). Rows join and leave
+    between full passes; a step is one full pass and its sampler passes, the same algorithm as
+    `sampler.generate` (one `unmask_step`) with the batch changing between passes (docs/method.md, "The
+    decoding loop")."""
 
     def __init__(self, engine: Engine, settings: DecodeSettings, seed: int | None = None):
         self.engine = engine
@@ -447,16 +526,15 @@ class Lane:
                                    self.block_id], 1)
 
     def admit(self, job: Job) -> None:
-        G = job.gen_length
-        self._pad_left(max(len(p) for p in job.prompts) + G - self.x.shape[1])
-        L, dev = self.x.shape[1], self.b.device
-        x, attn = pack_rows(self.b, job.prompts, G, L)
-        blocks = torch.cat([torch.full((L - G,), BIG, dtype=torch.long, device=dev),
-                            torch.arange(G, device=dev) // (self.settings.block_length or G)])
+        G, S = job.gen_length, len(job.suffix)
+        self._pad_left(max(len(p) for p in job.prompts) + G + S - self.x.shape[1])
+        x, attn, blocks = pack_rows(self.b, job.prompts, G, self.x.shape[1],
+                                    suffixes=[job.suffix] * len(job.prompts),
+                                    block_length=self.settings.block_length)
         self.owners += [(job, r, G) for r in range(len(job.prompts))]
         self.x = torch.cat([self.x, x])
         self.attn = torch.cat([self.attn, attn])
-        self.block_id = torch.cat([self.block_id, blocks.expand(len(job.prompts), -1)])
+        self.block_id = torch.cat([self.block_id, blocks])
         self.ctx = self.cache = None
 
     def _keep(self, keep: list[int]) -> None:
@@ -500,18 +578,20 @@ class Lane:
         return sampler_passes
 
     def rows_after_step(self) -> list[tuple[Job, int, list[int], bool]]:
-        """(job, row, generated ids, finished) for every row; finished rows leave the lane."""
+        """(job, row, span ids, finished) for every row; finished rows leave the lane."""
         streaming = any(job.stream for job, _, _ in self.owners)
         left = ((self.x == self.b.mask_id) & (self.block_id < BIG)).any(1).tolist()
         host = self.x.cpu() if streaming or not all(left) else None
         out, keep = [], []
+        L = self.x.shape[1]
         for i, (job, r, G) in enumerate(self.owners):
+            end = L - len(job.suffix)  # right-aligned: the span ends where the suffix starts
             if left[i]:
                 keep.append(i)
                 if job.stream:
-                    out.append((job, r, host[i, -G:].tolist(), False))
+                    out.append((job, r, host[i, end - G:end].tolist(), False))
             else:
-                out.append((job, r, host[i, -G:].tolist(), True))
+                out.append((job, r, host[i, end - G:end].tolist(), True))
         self._keep(keep)
         return out
 
@@ -519,3 +599,16 @@ class Lane:
 def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     cuts = [text.find(s) for s in stops if s in text]
     return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+def tokens_covering(tokenizer: Any, tokens: list[int], n_chars: int) -> int:
+    """The fewest leading `tokens` whose text has at least `n_chars` characters: what a completion cut at
+    a stop string used (a binary search; the decoded text grows with the tokens)."""
+    lo, hi = 0, len(tokens)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(tokenizer.decode(tokens[:mid], skip_special_tokens=True)) >= n_chars:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo

@@ -8,6 +8,7 @@ change the generator's replicas, so they run after the request tests.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -69,12 +70,15 @@ def _args(toy, **extra) -> dict:
 
 @pytest.fixture(scope="module")
 def server(toy):
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    metrics_port = _free_port()
+    with pytest.MonkeyPatch.context() as env:  # workers report metrics every second, not every 10 s
+        env.setenv("RAY_metrics_report_interval_ms", "1000")
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port)
     port = _free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build(_args(toy), _test_options()), name="jointgen", route_prefix="/")
-        yield {"url": f"http://127.0.0.1:{port}", "model": toy["model"]}
+        yield {"url": f"http://127.0.0.1:{port}", "model": toy["model"], "metrics_port": metrics_port}
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -101,7 +105,7 @@ def _error(resp: httpx.Response) -> dict:
 
 
 def test_builder_refuses_bad_config(tmp_path, monkeypatch):
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(FileNotFoundError, match="no config.json|does not exist"):
         build({"backbone": str(tmp_path / "missing")})
     with pytest.raises(ValueError, match="max_batch_size"):
         build({"backbone": str(tmp_path), "max_batch_size": 0})
@@ -210,15 +214,89 @@ def test_engine_streams_the_finished_prefix(engine, toy):
         assert all(stop not in d for d in deltas) or not extra
 
 
+def test_engine_usage_counts_each_prompt_once_and_stops_at_the_cut(engine, toy):
+    bb, greedy = toy["bb"], {"mode": "exact", "temperature": 0.0, "stop_at_eos": False, "max_tokens": 24}
+    ids = encode_prompts(bb, ["The quick brown"])[0]
+    ref = generate(bb, [ids], mode="exact", temperature=0.0, gen_length=24)
+    done = asyncio.run(_collect(engine, "The quick brown", n=3, **greedy))[-1]
+    assert done["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 72,
+                             "total_tokens": len(ids) + 72}
+    text = ref.text[0]
+    stop = text[len(text) // 2: len(text) // 2 + 2]
+    cut = text[: text.find(stop)]
+    # the fewest tokens whose text covers the answer, found by a plain scan
+    need = next(m for m in range(25) if len(bb.tokenizer.decode(ref.tokens[0][:m], skip_special_tokens=True))
+                >= len(cut))
+    done = asyncio.run(_collect(engine, "The quick brown", stop=[stop], **greedy))[-1]
+    assert done["choices"][0]["text"] == cut and done["choices"][0]["finish_reason"] == "stop"
+    assert done["usage"]["completion_tokens"] == need < 24
+
+
+def test_engine_token_id_and_empty_prompts(engine, toy):
+    bb, greedy = toy["bb"], {"mode": "exact", "temperature": 0.0, "stop_at_eos": False, "max_tokens": 10}
+    ids = encode_prompts(bb, ["To be"])[0]
+    ref = generate(bb, [ids, [bb.bos_id]], mode="exact", temperature=0.0, gen_length=10).text
+
+    async def run(prompt):
+        request = {"kind": "completion", "prompt": prompt, "decoding": greedy, "stream": False}
+        return [event async for event in engine.submit(request)][-1]
+
+    # token ids are taken like text: BOS first when missing; several prompts in one list
+    done = asyncio.run(run([ids[1:], ids, [], ""]))
+    assert [c["text"] for c in done["choices"]] == [ref[0], ref[0], ref[1], ref[1]]
+    assert done["usage"]["prompt_tokens"] == 2 * len(ids) + 2  # an empty prompt is [BOS]
+    for bad, words in (([5, bb.args.vocab_size], "outside the vocabulary"), ([5, -1], "outside"),
+                       ([5, bb.mask_id], "mask token")):
+        err = asyncio.run(run([bad]))
+        assert err["event"] == "error" and err["param"] == "prompt" and words in err["message"], err
+
+
+def test_engine_health_check_fails_when_decoding_keeps_failing_or_the_loop_died(toy):
+    eng = Engine(toy["backbone"], toy["sampler"], batch_wait_s=0.0, torch_threads=1, max_step_failures=2)
+    joint = {"mode": "joint", "k": 2, "max_tokens": 4}
+    # a sampler of another width than the backbone: every joint step fails, as on a broken device
+    broken = type(eng.sampler)(dataclasses.replace(eng.backbone.args, dim=32, intermediate_size=64))
+
+    async def run():
+        eng.check_health()  # no request yet: healthy
+        assert (await _collect(eng, "Hello", **joint))[-1]["event"] == "done"
+        eng.check_health()
+        good, eng.sampler = eng.sampler, broken
+        for i in range(2):
+            err = (await _collect(eng, "Hello", **joint))[-1]
+            assert (err["event"], err["status"], err["code"]) == ("error", 500, "generation_failed")
+            if i == 0:
+                eng.check_health()  # one failure is not yet "keeps failing"
+        with pytest.raises(RuntimeError, match="last 2 decoding steps failed"):
+            eng.check_health()
+        eng.sampler = good
+        assert (await _collect(eng, "Hello", **joint))[-1]["event"] == "done"  # a good step: healthy again
+        eng.check_health()
+        eng._loop_task.cancel()
+        await asyncio.sleep(0)
+        with pytest.raises(RuntimeError, match="decoding loop died"):
+            eng.check_health()
+
+    asyncio.run(run())
+
+
 # --- the running application ------------------------------------------------------------------------------
 
 
-def test_health_and_models(server, client):
+def test_health_and_models(server, client, toy):
     r = httpx.get(server["url"] + "/health", timeout=30)
     assert r.status_code == 200 and r.json()["status"] == "ok"
     models = client.models.list()
     assert [m.id for m in models.data] == [server["model"]]
     assert models.data[0].model_extra["sampler"] == "loaded"
+    assert models.data[0].model_extra["max_model_len"] == toy["bb"].args.max_seq_len == 512
+    card = client.models.retrieve(server["model"])  # GET /v1/models/{id}
+    assert card.id == server["model"] and card.model_extra["max_model_len"] == 512
+    r = httpx.get(server["url"] + "/v1/models/no-such-model", timeout=30)
+    assert r.status_code == 404
+    err = _error(r)
+    assert (err["param"], err["code"], err["type"]) == ("model", "model_not_found", "invalid_request_error")
+    assert "no-such-model" in err["message"]
 
 
 def test_completion(server, client, toy):
@@ -235,6 +313,29 @@ def test_completion(server, client, toy):
                                   extra_body={"mode": "exact", "stop_at_eos": False})
     assert [c.index for c in r.choices] == [0, 1, 2, 3]
     assert r.model_extra["jointgen"]["full_passes"] == 6 and r.usage.completion_tokens == 24
+    # each prompt counts once in prompt_tokens, whatever n (as OpenAI and vLLM count)
+    assert r.usage.prompt_tokens == sum(map(len, encode_prompts(toy["bb"], ["Hello", "To be"])))
+    r = client.completions.create(model=server["model"], prompt="The quick brown fox", max_tokens=5, n=3,
+                                  extra_body={"mode": "exact", "stop_at_eos": False})
+    assert r.usage.prompt_tokens == len(encode_prompts(toy["bb"], ["The quick brown fox"])[0])
+    assert r.usage.completion_tokens == 15 and r.usage.total_tokens == r.usage.prompt_tokens + 15
+
+
+def test_token_id_and_empty_prompts(server, client, toy):
+    bb, kw = toy["bb"], {"model": server["model"], "max_tokens": 8, "temperature": 0.0,
+                         "extra_body": {"mode": "exact", "stop_at_eos": False}}
+    ids = encode_prompts(bb, ["To be, or not"])[0]
+    by_text = client.completions.create(prompt="To be, or not", **kw)
+    by_ids = client.completions.create(prompt=ids[1:], **kw)  # no BOS: added as for text
+    assert by_ids.choices[0].text == by_text.choices[0].text
+    assert by_ids.usage.prompt_tokens == by_text.usage.prompt_tokens == len(ids)
+    several = client.completions.create(prompt=[ids, [bb.bos_id]], **kw)
+    assert [c.text for c in several.choices][0] == by_text.choices[0].text
+    # unconditional generation: "" and [] start from BOS alone
+    for empty in ("", []):
+        r = client.completions.create(prompt=empty, **kw)
+        assert r.choices[0].text == several.choices[1].text and r.usage.prompt_tokens == 1
+        assert r.usage.completion_tokens == 8
 
 
 def test_chat_completion(server, client, toy):
@@ -259,6 +360,11 @@ def test_stop_sequence_and_seed(server, client):
     if stop.strip():
         c = client.completions.create(**kw, stop=[stop])
         assert c.choices[0].text == text[: text.find(stop)] and c.choices[0].finish_reason == "stop"
+        # usage counts the tokens up to the cut, streamed or not
+        assert c.usage.completion_tokens < a.usage.completion_tokens == 24
+        chunks = list(client.completions.create(**kw, stop=[stop], stream=True,
+                                                stream_options={"include_usage": True}))
+        assert chunks[-1].usage.completion_tokens == c.usage.completion_tokens
 
 
 def test_streaming(server, client):
@@ -293,7 +399,9 @@ BAD = [
     ("/v1/completions", b"[1, 2]", 400, None, "JSON object"),
     ("/v1/completions", {"model": "gpt-4", "prompt": "x"}, 404, "model", "does not exist"),
     ("/v1/completions", {"max_tokens": 4}, 400, "prompt", "required"),
-    ("/v1/completions", {"prompt": ""}, 400, "prompt", "empty"),
+    ("/v1/completions", {"prompt": [1, 100000]}, 400, "prompt", "outside the vocabulary"),
+    ("/v1/completions", {"prompt": [[5, 6], [-2]]}, 400, "prompt", "token id -2"),
+    ("/v1/completions", {"prompt": [1, 2.5]}, 400, "prompt", "valid"),
     ("/v1/completions", {"prompt": 5}, 400, "prompt", "string"),
     ("/v1/completions", {"prompt": "the " * 600, "max_tokens": 8}, 400, "prompt", "context"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 100000}, 400, "max_tokens", "limit"),
@@ -324,6 +432,40 @@ def test_bad_input(server, path, body, status, param, words):
     assert words.lower() in err["message"].lower()
     if param:
         assert err["message"].startswith(param)
+
+
+REFUSED = {"echo": True, "best_of": 3, "presence_penalty": 0.5, "frequency_penalty": -1.0,
+           "logit_bias": {"50": 5}, "response_format": {"type": "json_object"},
+           "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "auto", "top_k": 5,
+           "min_p": 0.1, "logprobs": 2, "top_logprobs": 3, "repetition_penalty": 1.2, "no_such_field": 1}
+
+
+@pytest.mark.parametrize("field", REFUSED)
+def test_fields_the_server_cannot_honour_are_refused(server, field):
+    """vLLM's rule: a field that would change the answer and is not implemented is a 400 naming it."""
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    for path, body in (("/v1/completions", {"prompt": "x"}), ("/v1/chat/completions", chat)):
+        r = _post(server, path, {**body, "max_tokens": 2, field: REFUSED[field]})
+        assert r.status_code == 400, r.text
+        err = _error(r)
+        assert (err["param"], err["code"], err["type"]) == (field, "unsupported_parameter",
+                                                            "invalid_request_error")
+        assert err["message"].startswith(f"{field}: not supported")
+
+
+def test_fields_with_no_effect_pass(server, client):
+    body = {"prompt": "x", "max_tokens": 2, "n": 2, "user": "u1", "metadata": {"team": "a"},
+            "store": False, "service_tier": "auto", "echo": False, "best_of": 2, "presence_penalty": 0,
+            "frequency_penalty": 0.0, "logit_bias": {}, "logprobs": None, "top_k": -1, "tools": [],
+            "tool_choice": "none"}
+    r = _post(server, "/v1/completions", body)
+    assert r.status_code == 200 and len(r.json()["choices"]) == 2, r.text
+    r = _post(server, "/v1/chat/completions",
+              {"messages": [{"role": "user", "content": "x", "tool_calls": []}]})
+    assert r.status_code == 400 and _error(r)["param"] == "messages.0.tool_calls"
+    with pytest.raises(openai.BadRequestError) as e:  # the official client sees it too
+        client.completions.create(model=server["model"], prompt="x", max_tokens=2, echo=True)
+    assert e.value.body["param"] == "echo"
 
 
 def test_errors_keep_the_server_up(server, client):
@@ -405,6 +547,45 @@ def test_concurrent_requests_are_batched(server, client):
     assert [r.usage.completion_tokens for r in results] == [40 + i for i in range(8)]
     stats = httpx.get(server["url"] + "/v1/stats", timeout=30).json()
     assert stats["max_batch_requests"] > 1 and stats["requests"] >= 8
+
+
+def _metric(text: str, name: str, **labels: str) -> float | None:
+    """Sum of the samples of `name` whose labels include `labels` (Prometheus text format); None if none."""
+    found = None
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            found = (found or 0.0) + float(line.rsplit(" ", 1)[1])
+    return found
+
+
+def test_metrics_after_requests(server, client):
+    """Ray's metrics agent of the local node exports the serving metrics (what Prometheus scrapes)."""
+    client.completions.create(model=server["model"], prompt="metrics", max_tokens=8,
+                              extra_body={"mode": "joint", "k": 2, "stop_at_eos": False})
+    list(client.completions.create(model=server["model"], prompt="metrics", max_tokens=8, stream=True))
+    assert _post(server, "/v1/completions", {"prompt": "x", "echo": True}).status_code == 400
+    want = {  # name, labels -> the least value
+        ("ray_jointgen_requests_total", (("deployment", "Ingress"), ("endpoint", "/v1/completions"),
+                                         ("status", "200"))): 2,
+        ("ray_jointgen_errors_total", (("endpoint", "/v1/completions"), ("status", "400"),
+                                       ("code", "unsupported_parameter"))): 1,
+        ("ray_jointgen_prompt_tokens_total", (("deployment", "Generator"),)): 2,
+        ("ray_jointgen_completion_tokens_total", ()): 16,
+        ("ray_jointgen_full_passes_total", (("mode", "joint"),)): 4,
+        ("ray_jointgen_sampler_passes_total", (("mode", "joint"),)): 4,
+        ("ray_jointgen_batch_rows_count", (("mode", "joint"),)): 4,
+        ("ray_jointgen_queue_seconds_count", ()): 2,
+        ("ray_jointgen_time_to_first_token_seconds_count", ()): 1,
+        ("ray_jointgen_decode_seconds_count", ()): 2,
+    }
+    url = f"http://127.0.0.1:{server['metrics_port']}/metrics"
+    deadline, missing = time.time() + 60, want
+    while missing and time.time() < deadline:
+        time.sleep(1)
+        text = httpx.get(url, timeout=30).text
+        missing = {k: v for k, v in want.items() if (_metric(text, k[0], **dict(k[1])) or 0) < v}
+    assert not missing, missing
+    assert "# TYPE ray_jointgen_queue_seconds histogram" in text
 
 
 def test_replica_killed_mid_request(server, client):
