@@ -170,6 +170,8 @@ def main() -> None:
                     help="with --random-shapes: this many layers (a CPU cannot run 28 of Dream-7B's)")
     ap.add_argument("--costs-only", action="store_true",
                     help="only the per-pass costs (full pass, sampler step, c) for each cache, no decoding")
+    ap.add_argument("--planned", action="store_true",
+                    help="also joint rows with order='planned' (one read-out per sampler step)")
     ap.add_argument("--thresholds", default="",
                     help="threshold rows, e.g. 0.9: marginal with k = block (Fast-dLLM's rule) and joint "
                          "at each k with that threshold")
@@ -208,20 +210,23 @@ def main() -> None:
             kv_cache_table(bb, s, batch, prompts, args)
             continue
         ks = list(map(int, args.ks.split(",")))
-        rows = [("exact", 1, None)] + [(m, k, None) for k in ks for m in ("marginal", "joint")]
+        rows = [("exact", 1, None, "rescore")] + [(m, k, None, "rescore") for k in ks
+                                                  for m in ("marginal", "joint")]
+        if args.planned:
+            rows += [("joint", k, None, "planned") for k in ks]
         for tau in (float(t) for t in args.thresholds.split(",") if t):
-            rows += [("marginal", args.block_length or args.gen_length, tau)]
-            rows += [("joint", k, tau) for k in ks]
+            rows += [("marginal", args.block_length or args.gen_length, tau, "rescore")]
+            rows += [("joint", k, tau, "rescore") for k in ks]
         costs, times, results = [], {row: [] for row in rows}, {}
         for _ in range(args.trials):  # interleaved: a slow spell of the machine hits every row alike
             costs.append(step_costs(bb, s, batch, len(prompts[0]), args.gen_length, max(5, args.repeats),
                                     args.block_length))
             for row in rows:
                 def run(row=row, prompts=prompts, results=results):
-                    mode, k, tau = row
+                    mode, k, tau, order = row
                     results[row] = generate(bb, prompts, sampler=s if mode == "joint" else None,
                                             mode=mode, k=k, threshold=tau, gen_length=args.gen_length,
-                                            seed=0, block_length=args.block_length)
+                                            seed=0, block_length=args.block_length, order=order)
 
                 times[row].append(time_it(run, args.repeats, bb.device))
         cost = {key: statistics.median(c[key] for c in costs) for key in costs[0]}
@@ -230,12 +235,12 @@ def main() -> None:
               f"read-out at {(args.block_length or args.gen_length) // 2} candidates "
               f"{cost['readout_ms']:.2f} ms: "
               f"c = {cost['c']:.3f}, c_step = {cost['c_step']:.3f}")
-        print(f"{'mode':<9}{'k':>3}{'tau':>5}{'tok/pass':>9}{'tok/s':>10}{'full':>6}{'samp':>6}{'speed-up':>10}"
+        print(f"{'mode':<9}{'order':>8}{'k':>3}{'tau':>5}{'tok/pass':>9}{'tok/s':>10}{'full':>6}{'samp':>6}{'speed-up':>10}"
               f"{'ideal':>8}{'of ideal':>10}{'of ideal(step)':>16}")
         base = None
-        for mode, k, tau in rows:
-            r = results[(mode, k, tau)]
-            tps = r.decoded_tokens / statistics.median(times[(mode, k, tau)])
+        for mode, k, tau, order in rows:
+            r = results[(mode, k, tau, order)]
+            tps = r.decoded_tokens / statistics.median(times[(mode, k, tau, order)])
             base = base or tps
             if tau is not None:  # a threshold row's ideal: its own tokens and sampler passes per full pass
                 per_pass = r.sampler_passes / max(r.full_passes, 1)
@@ -245,7 +250,9 @@ def main() -> None:
             else:
                 ideal = ideal_step = float(k)
             up = tps / base
-            print(f"{mode:<9}{k:>3}{'-' if tau is None else tau:>5}{r.tokens_per_pass:>9.2f}{tps:>10.0f}"
+            shown = order if mode == "joint" else "-"
+            print(f"{mode:<9}{shown:>8}{k:>3}{'-' if tau is None else tau:>5}"
+                  f"{r.tokens_per_pass:>9.2f}{tps:>10.0f}"
                   f"{r.full_passes:>6}{r.sampler_passes:>6}{up:>9.2f}x{ideal:>7.2f}x"
                   f"{up / ideal:>9.0%}{up / ideal_step:>15.0%}")
 

@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("ray_jobs.generate", "batch generation over a prompt file with Ray Data"),
     "evaluate": ("ray_jobs.evaluate", "quality vs speed of exact / marginal / joint decoding"),
     "quickstart": ("ray_jobs.quickstart", "the whole method end to end on the embedded backbone"),
+    "lm-eval": ("integrations.lm_eval", "lm-evaluation-harness's CLI with the jointgen model"),
 }
 
 

@@ -318,10 +318,11 @@ class EvaluateConfig(JobConfig):
     judge: str | None = "auto"  # auto = the embedded judge if present and of the backbone's vocabulary
     judge_backend: Literal["torch", "vllm", "auto"] = "torch"  # auto = vllm when it imports
     ks: list[Count] = Field([1, 2, 4, 8], min_length=1)  # fixed k of the marginal and joint sets
-    # families: marginal@k, joint@k (k in ks); threshold (marginal, tau in thresholds, at most threshold_k
-    # per pass); hybrid (joint with tau, k in hybrid_ks). The last two run only when thresholds is non-empty.
-    methods: list[Literal["marginal", "joint", "threshold", "hybrid"]] = ["marginal", "joint", "threshold",
-                                                                         "hybrid"]
+    # families: marginal@k, joint@k, planned@k (joint, order planned) for k in ks; threshold (marginal, tau
+    # in thresholds, at most threshold_k per pass); hybrid (joint with tau, k in hybrid_ks). The last two
+    # run only when thresholds is non-empty.
+    methods: list[Literal["marginal", "joint", "planned", "threshold", "hybrid"]] = [
+        "marginal", "joint", "planned", "threshold", "hybrid"]
     thresholds: list[Annotated[float, Field(gt=0, le=1)]] = [0.9, 0.7, 0.5]  # confidence taus; [] = none
     threshold_k: Annotated[int, Field(strict=True, ge=2)] = 8  # the most tokens per pass of a threshold set
     hybrid_ks: list[Annotated[int, Field(strict=True, ge=2)]] = [4, 8]  # k of the joint+threshold sets
@@ -360,9 +361,10 @@ class EvaluateConfig(JobConfig):
     ray_num_cpus: Count | None = None
     progress: bool = True
 
-    def decode(self, mode: str, k: int, *, task: bool, threshold: float | None = None) -> DecodeSettings:
+    def decode(self, mode: str, k: int, *, task: bool, threshold: float | None = None,
+               order: str = "rescore") -> DecodeSettings:
         """The decoding of one set: language samples run to gen_length, task answers stop at EOS."""
-        return decode_settings(self, mode=mode, k=k, stop_at_eos=task, threshold=threshold,
+        return decode_settings(self, mode=mode, k=k, stop_at_eos=task, threshold=threshold, order=order,
                                temperature=self.task_temperature if task else self.temperature)
 
     @property
@@ -388,7 +390,7 @@ class EvaluateConfig(JobConfig):
             self.decode("exact", 1, task=True)
         except ValueError as e:  # its only own value is task_temperature
             raise ValueError(f"task_{e}") from None
-        if ("joint" in self.methods or self.sweeps["hybrid"]) and not self.sampler:
+        if ({"joint", "planned"} & set(self.methods) or self.sweeps["hybrid"]) and not self.sampler:
             raise ValueError("sampler: joint rows need a sampler directory (from `jointgen train`)")
         if self.judge_feature_layer != -1 and self.judge_feature_layer < 1:
             raise ValueError(f"judge_feature_layer: -1 (the last layer) or a block number >= 1, got "

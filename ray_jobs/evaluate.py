@@ -84,6 +84,9 @@ def plan_sets(cfg: EvaluateConfig, kind: str) -> dict[str, SampleSet]:
             for m in cfg.methods:
                 if m in ("marginal", "joint"):
                     sets[set_name(kind, m, k)] = SampleSet(cfg.decode(m, k, task=task), length, cfg.seed)
+                if m == "planned":
+                    sets[set_name(kind, m, k)] = SampleSet(cfg.decode("joint", k, task=task, order="planned"),
+                                                           length, cfg.seed)
     for method, mode, label in (("threshold", "marginal", "threshold"), ("hybrid", "joint", "joint")):
         for k, tau in cfg.sweeps[method]:
             sets[set_name(kind, label, k, tau)] = SampleSet(cfg.decode(mode, k, task=task, threshold=tau),

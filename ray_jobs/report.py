@@ -73,14 +73,14 @@ QUALITY = [  # key, label, higher is better
     ("task_validity", "task validity", True),
 ]
 # a row's `method` is its family: threshold = marginal decoding with a confidence threshold (Fast-dLLM),
-# joint+threshold = joint decoding with one (the hybrid)
-FAMILIES = ("exact", "marginal", "joint", "threshold", "joint+threshold")
+# joint+threshold = joint decoding with one (the hybrid), joint-planned = joint with order "planned"
+FAMILIES = ("exact", "marginal", "joint", "joint-planned", "threshold", "joint+threshold")
 
 
 def family(settings: DecodeSettings) -> str:
     """The method family of a set's decoding (one of FAMILIES)."""
     if settings.threshold is None:
-        return settings.mode
+        return "joint-planned" if settings.mode == "joint" and settings.order == "planned" else settings.mode
     return "threshold" if settings.mode == "marginal" else "joint+threshold"
 
 
@@ -360,7 +360,8 @@ def plot(result: dict, out: Path) -> list[str]:
     return files
 
 
-PLOT_STYLES = {"marginal": "s--", "joint": "o-", "threshold": "^:", "joint+threshold": "D-."}
+PLOT_STYLES = {"marginal": "s--", "joint": "o-", "joint-planned": "v-", "threshold": "^:",
+               "joint+threshold": "D-."}
 
 
 def _plot_quality(result: dict, path: Path, axis: int) -> bool:
@@ -377,7 +378,7 @@ def _plot_quality(result: dict, path: Path, axis: int) -> bool:
         speed_key, lang_key = speed_keys(key)[axis], speed_keys("nll")[axis]
         x_of = {r["set"]: r.get(speed_key) or r[lang_key] for r in rows}  # no task set: language speed
         for method, style in PLOT_STYLES.items():
-            with_exact = ("exact",) if method in ("marginal", "joint") else ()
+            with_exact = ("exact",) if method in ("marginal", "joint", "joint-planned") else ()
             pts = sorted((r for r in rows if r["method"] in (method, *with_exact) and key in r),
                          key=lambda r: x_of[r["set"]])
             if len(pts) < 1 + len(with_exact):

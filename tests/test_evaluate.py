@@ -58,7 +58,8 @@ def test_small_run_table_json_plots_and_resume(assets, ray_cluster, tmp_path):
     res = run_evaluate(small(assets, out), log=lambda *_: None)
     rows = [(r["method"], r["k"], r["threshold"]) for r in res["rows"]]
     assert rows == [("exact", 1, None), ("marginal", 2, None), ("marginal", 4, None), ("joint", 2, None),
-                    ("joint", 4, None), ("threshold", 4, 0.5), ("joint+threshold", 2, 0.5)]
+                    ("joint", 4, None), ("joint-planned", 2, None), ("joint-planned", 4, None),
+                    ("threshold", 4, 0.5), ("joint+threshold", 2, 0.5)]
     for r in res["rows"]:
         assert r["n"] == 24 and r["task_validity"]["n"] == 12
         assert r["tokens_per_s"] > 0 and r["wall_s"] > 0 and r["task_tokens_per_full_pass"] >= 1
@@ -73,7 +74,7 @@ def test_small_run_table_json_plots_and_resume(assets, ray_cluster, tmp_path):
         else:
             assert r["full_passes_per_sample"] == pytest.approx(8 / r["k"])
             assert r["tokens_per_full_pass"] == pytest.approx(r["k"])
-            sampler_passes = r["k"] - 1 if r["method"] == "joint" else 0
+            sampler_passes = r["k"] - 1 if r["method"] in ("joint", "joint-planned") else 0
             assert r["sampler_passes_per_full_pass"] == pytest.approx(sampler_passes)
         for key in ("nll", "mauve_judge", "mauve_minilm"):
             assert math_ok(r[key]["mean"]) and r[key]["n"] == 24
@@ -93,14 +94,14 @@ def test_small_run_table_json_plots_and_resume(assets, ray_cluster, tmp_path):
     for name in ("lang-threshold-k4-t0.5", "lang-joint-k2-t0.5"):
         assert saved_sets[name]["tokens_per_full_pass"] == pytest.approx(by_set[name]["tokens_per_full_pass"])
         assert saved_sets[name]["threshold"] == 0.5 and "nll" in saved_sets[name]
-    assert len(saved["verdict_by_speed"]["levels"]) == 6
+    assert len(saved["verdict_by_speed"]["levels"]) == 8  # one speed level per non-exact set
     assert saved["paper"]["gap_recovered"] == 0.41
     report = (out / "report.md").read_text()
     lines = report.splitlines()
     start = next(i for i, ln in enumerate(lines) if ln.startswith("| method |"))
     table = lines[start + 2:lines.index("", start)]
     assert [ln.split("|")[1].strip() for ln in table] == [m for m, _, _ in rows]
-    assert [ln.split("|")[3].strip() for ln in table] == ["-"] * 5 + ["0.5", "0.5"]  # the τ column
+    assert [ln.split("|")[3].strip() for ln in table] == ["-"] * 7 + ["0.5", "0.5"]  # the τ column
     assert "judge NLL / token" in report and "MAUVE (MiniLM)" in report and "task validity" in report
     assert "41%" in report and "unroll depth" in report and "## Best family at each measured speed" in report
     assert res["plots"] == ["quality_vs_speed.png", "quality_vs_tokens_per_pass.png", "depth_metrics.png"]
@@ -109,9 +110,10 @@ def test_small_run_table_json_plots_and_resume(assets, ray_cluster, tmp_path):
         assert data[:8] == PNG and len(data) > 10_000
     assert sorted(p.name for p in (out / "samples").iterdir()) == sorted(
         ["lang-exact", "lang-exact-ref", "lang-marginal-k2", "lang-joint-k2", "lang-marginal-k4",
-         "lang-joint-k4", "lang-threshold-k4-t0.5", "lang-joint-k2-t0.5",
-         "task-exact", "task-marginal-k2", "task-joint-k2", "task-marginal-k4", "task-joint-k4",
-         "task-threshold-k4-t0.5", "task-joint-k2-t0.5"])
+         "lang-joint-k4", "lang-planned-k2", "lang-planned-k4", "lang-threshold-k4-t0.5",
+         "lang-joint-k2-t0.5", "task-exact", "task-marginal-k2", "task-joint-k2", "task-marginal-k4",
+         "task-joint-k4", "task-planned-k2", "task-planned-k4", "task-threshold-k4-t0.5",
+         "task-joint-k2-t0.5"])
 
     # a rerun finds every sample on disk: nothing is generated again, the numbers are the same
     parts = {p: p.stat().st_mtime_ns for p in (out / "samples").rglob("part-*.parquet")}
@@ -162,8 +164,10 @@ def test_plan_sets_names_and_method_selection():
     picks the families, and the threshold families run only with thresholds."""
     cfg = validate(EvaluateConfig, {"sampler": "s", "ks": [1, 4], "thresholds": [0.7, 0.9], "hybrid_ks": [4]})
     assert list(plan_sets(cfg, "lang")) == [
-        "lang-exact", "lang-exact-ref", "lang-marginal-k4", "lang-joint-k4", "lang-threshold-k8-t0.9",
-        "lang-threshold-k8-t0.7", "lang-joint-k4-t0.9", "lang-joint-k4-t0.7"]
+        "lang-exact", "lang-exact-ref", "lang-marginal-k4", "lang-joint-k4", "lang-planned-k4",
+        "lang-threshold-k8-t0.9", "lang-threshold-k8-t0.7", "lang-joint-k4-t0.9", "lang-joint-k4-t0.7"]
+    s = plan_sets(cfg, "task")["task-planned-k4"].settings
+    assert (s.mode, s.k, s.order, s.threshold) == ("joint", 4, "planned", None)
     s = plan_sets(cfg, "task")["task-joint-k4-t0.7"].settings
     assert (s.mode, s.k, s.threshold, s.stop_at_eos) == ("joint", 4, 0.7, True)
     s = plan_sets(cfg, "lang")["lang-threshold-k8-t0.9"].settings
