@@ -42,7 +42,8 @@ from tqdm import tqdm
 
 from sampler import JointSampler, load_backbone
 from sampler.backbone import backbone_dir, parse_dtype
-from sampler.decode import encode_text, generate
+from sampler.decode import cut_at_stop, encode_text, generate
+from sampler.joint import find_sampler, sampler_candidates
 from sampler.metrics import truncate_at_eos
 from sampler.settings import DecodeSettings
 
@@ -66,24 +67,12 @@ def settings_from_args(decode: dict[str, Any]) -> DecodeSettings:
         raise ValueError(f"jointgen model_args: {problems}") from None
 
 
-def sampler_candidates(checkpoint: Path) -> list[Path]:
-    # where serve's `sampler: auto` looks too (serve.generator.sampler_candidates; importing serve would
-    # import Ray Serve, seconds for one line)
-    return [checkpoint / "sampler", checkpoint.parent / "sampler"]
-
-
 def resolve_sampler(choice: str | None, checkpoint: Path, backbone) -> JointSampler | None:
     """auto: the first sampler next to the backbone that was trained for it (else none); none; a dir."""
     if choice is None or str(choice).lower() == "none":
         return None
     if choice == "auto":
-        for cand in sampler_candidates(checkpoint):
-            if (cand / "sampler.json").is_file():
-                try:
-                    return JointSampler.load(cand, backbone)
-                except ValueError as e:  # trained for another backbone
-                    log.warning("ignoring sampler %s: %s", cand, e)
-        return None
+        return find_sampler(checkpoint, backbone)
     return JointSampler.load(choice, backbone)  # refuses another backbone's sampler
 
 
@@ -163,8 +152,7 @@ class JointGenLM(LM):
             for i, tokens in zip(chunk, r.tokens, strict=True):
                 answer = truncate_at_eos(tokens, bb.eos_id)  # the text ends at EOS in every mode
                 text = bb.tokenizer.decode(answer, skip_special_tokens=True)
-                cuts = [text.find(s) for s in jobs[i][2] if s in text]
-                out[i] = text[:min(cuts)] if cuts else text  # at the first stop string
+                out[i], _ = cut_at_stop(text, jobs[i][2])
                 self.cache_hook.add_partial("generate_until", requests[i].args, out[i])
             bar.update(len(chunk))
             start += len(chunk)

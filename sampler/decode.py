@@ -372,9 +372,13 @@ def encode_text(backbone: Backbone, text: str, *, bos: bool = True) -> list[int]
     if backbone.tokenizer is None:
         raise ValueError(f"backbone {backbone.name!r} has no tokenizer: give token ids, not text")
     ids = list(backbone.tokenizer(text, add_special_tokens=False)["input_ids"])
-    if bos and backbone.bos_id is not None and (not ids or ids[0] != backbone.bos_id):
-        ids = [backbone.bos_id] + ids
-    return ids
+    return with_bos(backbone, ids) if bos else ids
+
+
+def with_bos(backbone: Backbone, ids: Sequence[int]) -> list[int]:
+    """`ids` with BOS first: added when the model has a BOS token and `ids` does not start with it."""
+    ids = list(ids)
+    return ids if backbone.bos_id is None or ids[:1] == [backbone.bos_id] else [backbone.bos_id, *ids]
 
 
 def encode_chat(backbone: Backbone, messages: Sequence[dict]) -> list[int]:
@@ -402,3 +406,9 @@ def encode_prompts(backbone: Backbone, texts: Sequence[str] | None = None, *, n:
     if chat:
         return [encode_chat(backbone, [{"role": "user", "content": t}]) for t in texts]
     return [encode_text(backbone, t) for t in texts]
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """`text` up to the first of the `stops` it contains, and whether it had one."""
+    cuts = [text.find(stop) for stop in stops if stop in text]
+    return (text[: min(cuts)], True) if cuts else (text, False)

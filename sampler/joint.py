@@ -9,6 +9,7 @@ The output norm's weight starts at zero, so an untrained sampler is exactly the 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
 
 SAMPLER_WEIGHTS = "sampler.safetensors"
 SAMPLER_CONFIG = "sampler.json"
+
+log = logging.getLogger("jointgen.sampler")
 
 
 class SamplerMismatchError(ValueError):
@@ -119,3 +122,20 @@ class JointSampler(nn.Module):
             s.check_backbone(backbone)
             s = s.to(device=backbone.device, dtype=backbone.dtype)
         return s.eval().requires_grad_(False)
+
+
+def sampler_candidates(backbone_dir: Path) -> list[Path]:
+    """Where `sampler: auto` (serve, the lm-eval model) looks for a trained sampler next to the backbone."""
+    return [backbone_dir / "sampler", backbone_dir.parent / "sampler"]
+
+
+def find_sampler(backbone_dir: Path, backbone: Backbone) -> JointSampler | None:
+    """`sampler: auto`: the first sampler in `sampler_candidates` that loads for `backbone`, else None.
+    One that does not (trained for another backbone) is skipped with a warning, and the search goes on."""
+    for cand in sampler_candidates(backbone_dir):
+        if (cand / SAMPLER_CONFIG).is_file():
+            try:
+                return JointSampler.load(cand, backbone)
+            except ValueError as e:
+                log.warning("ignoring sampler %s: %s", cand, e)
+    return None

@@ -30,14 +30,22 @@ import uuid
 from collections import Counter, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sampler.backbone import backbone_dir, parse_dtype
-from sampler.decode import NOT_GENERATED, candidates, encode_chat, encode_text, pack_rows, unmask_step
+from sampler.decode import (
+    NOT_GENERATED,
+    candidates,
+    cut_at_stop,
+    encode_chat,
+    encode_text,
+    pack_rows,
+    unmask_step,
+    with_bos,
+)
 from sampler.kvcache import BlockKVCache
 from sampler.settings import DecodeSettings, Mode
 from serve.api import ApiError, validation_error
@@ -64,11 +72,6 @@ class ServeLimits(BaseModel):
 
 
 SAMPLER_CHOICES = ("auto", "none", "untrained")
-
-
-def sampler_candidates(backbone_dir: Path) -> list[Path]:
-    """Where `sampler: auto` looks for a trained sampler next to the backbone."""
-    return [backbone_dir / "sampler", backbone_dir.parent / "sampler"]
 
 
 @dataclass
@@ -121,6 +124,7 @@ class Engine:
                  max_batch_size: int = 16, batch_wait_s: float = 0.01, torch_threads: int | None = None,
                  max_step_failures: int = 3):
         from sampler import JointSampler, load_backbone
+        from sampler.joint import find_sampler
 
         if torch_threads:
             torch.set_num_threads(int(torch_threads))
@@ -132,15 +136,10 @@ class Engine:
         self.sampler, self.sampler_status = None, "none"
         choice = "auto" if sampler is None else str(sampler)
         if choice == "auto":
-            for cand in sampler_candidates(path):
-                if (cand / "sampler.json").is_file():
-                    try:
-                        self.sampler = JointSampler.load(cand, self.backbone)
-                        self.sampler_status = "loaded"
-                        break
-                    except ValueError as e:  # trained for another backbone: say so, keep looking
-                        log.warning("ignoring sampler %s: %s", cand, e)
-            if self.sampler is None:
+            self.sampler = find_sampler(path, self.backbone)
+            if self.sampler is not None:
+                self.sampler_status = "loaded"
+            else:
                 log.warning("no trained sampler found next to %s: serving an UNTRAINED sampler "
                             "(joint == marginal until one is trained)", path)
                 choice = "untrained"
@@ -243,7 +242,7 @@ class Engine:
                             f"outside the vocabulary (0 to {b.args.vocab_size - 1})"
                         raise ApiError(400, f"prompt: token id {t} is {what}", param="prompt",
                                        code="invalid_value")
-                ids = list(p) if b.bos_id is None or p[:1] == [b.bos_id] else [b.bos_id, *p]
+                ids = with_bos(b, p)
             if not ids:
                 raise ApiError(400, "prompt: an empty prompt starts from BOS and this model has no BOS token",
                                param="prompt", code="invalid_value")
@@ -594,11 +593,6 @@ class Lane:
                 out.append((job, r, host[i, end - G:end].tolist(), True))
         self._keep(keep)
         return out
-
-
-def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
-    cuts = [text.find(s) for s in stops if s in text]
-    return (text[: min(cuts)], True) if cuts else (text, False)
 
 
 def tokens_covering(tokenizer: Any, tokens: list[int], n_chars: int) -> int:

@@ -13,16 +13,17 @@ def test_decode_speed_prints_every_row():
     out = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "decode_speed.py"), "--batches", "1,2",
          "--gen-length", "8", "--ks", "2", "--repeats", "1", "--trials", "2", "--threads", "1",
-         "--thresholds", "1.5"],
+         "--thresholds", "1.5", "--planned"],
         capture_output=True, text=True, timeout=300, cwd=ROOT, check=True).stdout
     assert out.count("(median of 2 trial(s))") == 2 and "c_step" in out
     rows = [ln.split() for ln in out.splitlines() if ln.split()[:1] in (["exact"], ["marginal"], ["joint"])]
-    assert [r[:3] for r in rows] == [["exact", "1", "-"], ["marginal", "2", "-"], ["joint", "2", "-"],
-                                     ["marginal", "8", "1.5"], ["joint", "2", "1.5"]] * 2
+    assert [r[:4] for r in rows] == [["exact", "-", "1", "-"], ["marginal", "-", "2", "-"],
+                                     ["joint", "rescore", "2", "-"], ["joint", "planned", "2", "-"],
+                                     ["marginal", "-", "8", "1.5"], ["joint", "rescore", "2", "1.5"]] * 2
     for r in rows:  # tokens per pass, tokens/s, full and sampler passes; joint used the sampler
-        full = 8 if r[0] == "exact" or r[2] == "1.5" and r[0] == "marginal" else 4  # tau > 1: exact
-        assert float(r[3]) == 8 / full and float(r[4]) > 0 and int(r[5]) == full
-        assert int(r[6]) == (4 if r[0] == "joint" else 0)
+        full = 8 if r[0] == "exact" or r[3] == "1.5" and r[0] == "marginal" else 4  # tau > 1: exact
+        assert float(r[4]) == 8 / full and float(r[5]) > 0 and int(r[6]) == full
+        assert int(r[7]) == (4 if r[0] == "joint" else 0)
 
 
 def test_decode_speed_kv_cache_rows():
