@@ -23,7 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ray_jobs.common import Dtype
-from sampler.settings import DecodeSettings, KVCache, Mode, Policy
+from sampler.settings import DecodeSettings, KVCache, Mode, Order, Policy
 
 # An integer >= 1; strict: `true` or 2.5 is not a count
 Count = Annotated[int, Field(strict=True, ge=1)]
@@ -283,6 +283,7 @@ class GenerateConfig(JobConfig):
     stop_at_eos: bool = True
     threshold: float | None = None  # None = fixed k; else confidence-threshold decoding (marginal / joint)
     kv_cache: KVCache = "none"
+    order: Order = "rescore"  # joint, fixed k: rescore every candidate after a sampler step, or planned
     seed: Int = 0
     # Ray
     ray_address: str | None = None  # None = RAY_ADDRESS or a local cluster

@@ -59,12 +59,13 @@ class DecodeSettings(BaseModel):
                              "(Fast-dLLM's rule) or 'joint' with a threshold")
         return v
 
-    @model_validator(mode="after")
-    def _planned_is_fixed_k(self) -> DecodeSettings:
-        if self.order == "planned" and self.threshold is not None:
+    @field_validator("order")
+    @classmethod
+    def _planned_is_fixed_k(cls, v: str, info: ValidationInfo) -> str:
+        if v == "planned" and info.data.get("threshold") is not None:
             raise ValueError("order 'planned' fixes k positions per full pass; a threshold chooses how "
                              "many as it goes: use order 'rescore' with a threshold")
-        return self
+        return v
 
     @model_validator(mode="after")
     def _exact_is_one_token(self) -> DecodeSettings:

@@ -140,6 +140,7 @@ def engine(toy):
 @pytest.mark.parametrize("decoding", [{"mode": "exact"}, {"mode": "joint", "k": 4},
                                       {"mode": "marginal", "k": 3, "block_length": 5},
                                       {"mode": "joint", "k": 2, "stop_at_eos": True},
+                                      {"mode": "joint", "k": 4, "order": "planned"},
                                       {"mode": "marginal", "k": 8, "threshold": 0.2},
                                       {"mode": "joint", "k": 4, "threshold": 0.2, "stop_at_eos": True}])
 def test_engine_matches_sampler_generate(engine, toy, decoding):
@@ -415,6 +416,9 @@ BAD = [
     ("/v1/completions", {"prompt": "x", "mode": "marginal", "threshold": -0.5}, 400, "threshold", "greater"),
     ("/v1/completions", {"prompt": "x", "mode": "exact", "threshold": 0.9}, 400, "threshold", "exact"),
     ("/v1/completions", {"prompt": "x", "kv_cache": "full"}, 400, "kv_cache", "prefix"),
+    ("/v1/completions", {"prompt": "x", "order": "random"}, 400, "order", "planned"),
+    ("/v1/completions", {"prompt": "x", "mode": "joint", "threshold": 0.9, "order": "planned"}, 400, "order",
+     "threshold"),
     ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature", "greater"),
     ("/v1/completions", {"prompt": "x", "stream": True, "k": 9}, 400, "k", "maximum"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, "messages.0.content", ""),
