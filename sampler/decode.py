@@ -194,6 +194,17 @@ def unmask_step(backbone: Backbone, x: Tensor, cand: Tensor, valid: Tensor, *, c
     best = scores.masked_fill(~valid, float("-inf")).argmax(1)
     first[rows, best] |= valid[rows, best]
     take(first, logp, scores)
+    if use_sampler is not None and s.order == "planned":
+        # the rest of each row's k, planned from the full pass's scores: one read-out per sampler pass
+        room = k - used
+        plan = scores.masked_fill(~valid, float("-inf")).topk(min(int(room.max()), valid.shape[1]), 1).indices
+        for j in range(plan.shape[1]):
+            h = use_sampler(backbone.embed(x), h, ctx, cache)
+            sampler_passes += 1
+            nxt = cand[rows, plan[:, j]][:, None]
+            lp = log_probs(candidate_logits(backbone, h, nxt), s.temperature, s.top_p)[:, 0]
+            picks.append(write_at(valid[rows, plan[:, j]] & (j < room), plan[:, j], lp))
+        return picks, sampler_passes
     # joint: the sampler decides the uncertain ones, one per sampler pass that sees every token written so
     # far, and takes at once any candidate it made sure; a row stops at k, the loop when no row goes on
     more = valid.any(1) & (used < k)

@@ -31,9 +31,10 @@ class DecodeSettings(BaseModel):
         candidate of the current block whose top probability is >= threshold is taken from the full
         pass, and at least the best one; in joint mode the sampler then decides uncertain positions one
         after another up to k tokens in all (docs/method.md, "Threshold and hybrid decoding").
-    order: in joint mode with fixed k, how the positions after the first are chosen. rescore: by the
-        sampler's updated distributions at every candidate (a read-out over all of them per sampler
-        step); planned: the full pass's scores fix the k positions, so a sampler step reads out one.
+    order: in joint mode, how the positions after the first (with a threshold: after the sure ones) are
+        chosen. rescore: by the sampler's updated distributions at every candidate (a read-out over all
+        of them per sampler step); planned: by the full pass's scores, fixed for the step, so a sampler
+        step reads out one position.
     kv_cache: none, or a block-wise approximate cache of keys and values (prefix: positions before the
         current block are reused; dual: those after it too), refreshed at every new block.
     """
@@ -57,14 +58,6 @@ class DecodeSettings(BaseModel):
         if v is not None and info.data.get("mode") == "exact":
             raise ValueError("exact mode decodes one token per full pass; use mode 'marginal' "
                              "(Fast-dLLM's rule) or 'joint' with a threshold")
-        return v
-
-    @field_validator("order")
-    @classmethod
-    def _planned_is_fixed_k(cls, v: str, info: ValidationInfo) -> str:
-        if v == "planned" and info.data.get("threshold") is not None:
-            raise ValueError("order 'planned' fixes k positions per full pass; a threshold chooses how "
-                             "many as it goes: use order 'rescore' with a threshold")
         return v
 
     @model_validator(mode="after")

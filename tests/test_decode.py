@@ -329,5 +329,9 @@ def test_planned_order_reads_out_the_full_pass_plan(toy):
                    order="planned")
     exact = generate(toy, prompts, mode="exact", gen_length=9, temperature=0)
     assert one.tokens == exact.tokens and one.order == exact.order
-    with pytest.raises(ValueError, match="planned"):
-        generate(toy, prompts, sampler=untrained, mode="joint", k=3, threshold=0.9, order="planned")
+    # with a threshold: the sure ones, then the rest of k planned by score; by confidence and with the
+    # untrained (marginal) sampler that is the top k by confidence: marginal fixed-k decoding
+    hybrid = generate(toy, prompts, sampler=untrained, mode="joint", k=3, gen_length=9, temperature=0,
+                      policy="confidence", threshold=0.3, order="planned")
+    fixed = generate(toy, prompts, mode="marginal", k=3, gen_length=9, temperature=0, policy="confidence")
+    assert hybrid.tokens == fixed.tokens and hybrid.order == fixed.order and hybrid.full_passes == 3

@@ -417,8 +417,6 @@ BAD = [
     ("/v1/completions", {"prompt": "x", "mode": "exact", "threshold": 0.9}, 400, "threshold", "exact"),
     ("/v1/completions", {"prompt": "x", "kv_cache": "full"}, 400, "kv_cache", "prefix"),
     ("/v1/completions", {"prompt": "x", "order": "random"}, 400, "order", "planned"),
-    ("/v1/completions", {"prompt": "x", "mode": "joint", "threshold": 0.9, "order": "planned"}, 400, "order",
-     "threshold"),
     ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature", "greater"),
     ("/v1/completions", {"prompt": "x", "stream": True, "k": 9}, 400, "k", "maximum"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, "messages.0.content", ""),
