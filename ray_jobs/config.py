@@ -232,6 +232,7 @@ class TrainConfig(JobConfig):
     init: Literal["random", "backbone"] = "random"  # backbone: decoder layer from the backbone's last layer
     loss_depths: Literal["last", "all"] = "last"  # KL after K steps only (the paper), or at every depth
     eos_window_keep: float = Field(1.0, gt=0, le=1)  # keep-probability of windows writing only EOS tokens
+    next_targets: Count | None = None  # None = the KL at every masked position; n = the next n in order
     lr: float = Field(5.0e-5, gt=0)
     warmup_steps: Int = Field(250, ge=0)  # linear warm-up, then constant
     weight_decay: float = Field(0.0, ge=0)

@@ -338,7 +338,7 @@ def train_loop(config: dict[str, Any]) -> None:
     for step in range(start, cfg.steps):
         batch = sample_windows(w.train, per_worker, cfg.k_max, rng, w.backbone.mask_id, w.backbone.pad_id,
                                weighting=cfg.k_weighting, eos_id=w.backbone.eos_id,
-                               eos_keep=cfg.eos_window_keep).to(w.device)
+                               eos_keep=cfg.eos_window_keep, next_targets=cfg.next_targets).to(w.device)
         with w.autocast():
             loss, info = model(batch.states, batch.attention_mask, batch.ks, batch.target_pos,
                                batch.target_valid)

@@ -78,8 +78,10 @@ class WindowBatch:
 
 
 def build_windows(trajs: Sequence[Trajectory], starts: Sequence[int], ks: Sequence[int],
-                  mask_id: int, pad_id: int) -> WindowBatch:
-    """Exact windows for given trajectories, start indices i and depths K (i + K <= n)."""
+                  mask_id: int, pad_id: int, next_targets: int | None = None) -> WindowBatch:
+    """Exact windows for given trajectories, start indices i and depths K (i + K <= n). The targets are
+    the positions still masked in s_{i+K}, or with `next_targets` only the first that many of them in the
+    teacher's order: the ones decoding reaches next."""
     k_top = max(ks)
     L = max(len(t.prompt_ids) + len(t.tokens) for t in trajs)
     B = len(trajs)
@@ -95,7 +97,7 @@ def build_windows(trajs: Sequence[Trajectory], starts: Sequence[int], ks: Sequen
             states[b, j, off:] = torch.tensor(t.state(i + min(j, k), mask_id))
         attn[b, off:] = True
         base = off + len(t.prompt_ids)
-        targets.append([base + p for p in t.order[i + k:]])
+        targets.append([base + p for p in t.order[i + k:][:next_targets]])
     M = max(1, max(len(tp) for tp in targets))
     target_pos = torch.zeros(B, M, dtype=torch.long)
     target_valid = torch.zeros(B, M, dtype=torch.bool)
@@ -108,7 +110,7 @@ def build_windows(trajs: Sequence[Trajectory], starts: Sequence[int], ks: Sequen
 
 def sample_windows(trajs: Sequence[Trajectory], batch_size: int, k_max: int, rng: np.random.Generator,
                    mask_id: int, pad_id: int, weighting: str = "inverse", *, eos_id: int | None = None,
-                   eos_keep: float = 1.0) -> WindowBatch:
+                   eos_keep: float = 1.0, next_targets: int | None = None) -> WindowBatch:
     """Random windows: trajectory uniform, K from `k_weights`, start i uniform over valid starts.
     Windows must leave at least one masked position in s_{i+K} (there is nothing to predict else).
     With `eos_id`, a window whose K written tokens are all EOS is kept with probability `eos_keep`: the
@@ -132,4 +134,4 @@ def sample_windows(trajs: Sequence[Trajectory], batch_size: int, k_max: int, rng
         picked.append(t)
         starts.append(i)
         ks.append(k)
-    return build_windows(picked, starts, ks, mask_id, pad_id)
+    return build_windows(picked, starts, ks, mask_id, pad_id, next_targets)

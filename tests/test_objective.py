@@ -156,3 +156,11 @@ def test_windows_writing_only_eos_can_be_thinned(toy):
     with pytest.raises(ValueError, match="eos_keep"):
         sample_windows([t], 4, 2, rng, toy.mask_id, toy.pad_id, eos_id=eos, eos_keep=0)
     assert n == len(t.tokens)
+
+
+def test_next_targets_keeps_the_positions_decoded_next(toy, trajs):
+    t = trajs[0]
+    every = build_windows([t], [2], [3], toy.mask_id, toy.pad_id)
+    near = build_windows([t], [2], [3], toy.mask_id, toy.pad_id, next_targets=4)
+    assert int(every.target_valid.sum()) == 16 - 5 and int(near.target_valid.sum()) == 4
+    assert (near.target_pos[0, :4] - 1).tolist() == t.order[5:9]  # column 0 is the prompt's BOS
