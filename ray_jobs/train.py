@@ -505,7 +505,8 @@ def run_train(config: TrainConfig | dict[str, Any] | None = None) -> dict[str, A
         sampler_dir = export_sampler(Path(d), out / "sampler", {
             "trained_steps": metrics.get("step"), "teacher_data": data,
             "train_config": {k: getattr(cfg, k) for k in ("lr", "warmup_steps", "batch_size", "k_max",
-                                                          "k_weighting", "init", "loss_depths", "workers",
+                                                          "k_weighting", "init", "loss_depths",
+                                                          "eos_window_keep", "next_targets", "workers",
                                                           "seed")}})
     depth = unflat_depth(metrics)
     summary = {
