@@ -79,6 +79,10 @@ def test_small_run_table_json_plots_and_resume(assets, ray_cluster, tmp_path):
         for key in ("nll", "mauve_judge", "mauve_minilm"):
             assert math_ok(r[key]["mean"]) and r[key]["n"] == 24
     assert set(res["gap_recovered"]) == {"2", "4"} and set(res["verdict"]) == {"4"}
+    by = {(r["method"], r["k"]): r["nll"]["mean"] for r in res["rows"]}
+    g4 = res["gap_recovered"]["4"]["planned"]  # the planned order's share of the same gap
+    assert g4["value"] == pytest.approx((by["marginal", 4] - by["joint-planned", 4])
+                                        / (by["marginal", 4] - by["exact", 1]))
     assert list(res["depth_metrics"]) == ["1", "2", "3"]
     levels = res["verdict_by_speed"]["levels"]
     assert sorted(lv["set"] for lv in levels) == sorted(r["set"] for r in res["rows"][1:])
