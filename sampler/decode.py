@@ -158,6 +158,12 @@ def unmask_step(backbone: Backbone, x: Tensor, cand: Tensor, valid: Tensor, *, c
             valid.logical_and_(~torch.gather(after, 1, cand))
         return go, pos
 
+    def planned_read(h: Tensor, pick: Tensor) -> tuple[Tensor, Tensor]:
+        """order 'planned': a sampler pass, then the read-out at one planned candidate per row ([B, V])."""
+        h = use_sampler(backbone.embed(x), h, ctx, cache)
+        logits = candidate_logits(backbone, h, cand[rows, pick][:, None])
+        return h, log_probs(logits, s.temperature, s.top_p)[:, 0]
+
     h = backbone.hidden(x, attn_mask, ctx, cache)  # the full pass (with a cache: its planned columns)
     logp, scores = read_out(backbone, h, cand, s.temperature, s.top_p, s.policy, rng)
     picks, sampler_passes, k = [], 0, min(s.k, cand.shape[1])
@@ -168,11 +174,8 @@ def unmask_step(backbone: Backbone, x: Tensor, cand: Tensor, valid: Tensor, *, c
         for j in range(k):
             picks.append(write_at(valid[rows, plan[:, j]], plan[:, j], lp))  # an EOS may have ended the row
             if j < k - 1:
-                h = use_sampler(backbone.embed(x), h, ctx, cache)
-                sampler_passes += 1
-                nxt = cand[rows, plan[:, j + 1]][:, None]
-                lp = log_probs(candidate_logits(backbone, h, nxt), s.temperature, s.top_p)[:, 0]
-        return picks, sampler_passes
+                h, lp = planned_read(h, plan[:, j + 1])
+        return picks, k - 1
     if s.threshold is None:
         for j in range(k):
             picks.append(write(valid, logp, scores))
@@ -199,12 +202,9 @@ def unmask_step(backbone: Backbone, x: Tensor, cand: Tensor, valid: Tensor, *, c
         room = k - used
         plan = scores.masked_fill(~valid, float("-inf")).topk(min(int(room.max()), valid.shape[1]), 1).indices
         for j in range(plan.shape[1]):
-            h = use_sampler(backbone.embed(x), h, ctx, cache)
-            sampler_passes += 1
-            nxt = cand[rows, plan[:, j]][:, None]
-            lp = log_probs(candidate_logits(backbone, h, nxt), s.temperature, s.top_p)[:, 0]
+            h, lp = planned_read(h, plan[:, j])
             picks.append(write_at(valid[rows, plan[:, j]] & (j < room), plan[:, j], lp))
-        return picks, sampler_passes
+        return picks, sampler_passes + plan.shape[1]
     # joint: the sampler decides the uncertain ones, one per sampler pass that sees every token written so
     # far, and takes at once any candidate it made sure; a row stops at k, the loop when no row goes on
     more = valid.any(1) & (used < k)

@@ -481,7 +481,6 @@ class Engine:
         row.finished = hit_stop or ended
 
 
-BIG = NOT_GENERATED  # block id of columns that are not generated (padding, prompt, suffix)
 
 
 class Lane:
@@ -521,7 +520,7 @@ class Lane:
         pad = self.b.pad_id if self.b.pad_id is not None else self.b.mask_id
         self.x = torch.cat([torch.full((B, width), pad, dtype=torch.long, device=dev), self.x], 1)
         self.attn = torch.cat([torch.zeros(B, width, dtype=torch.bool, device=dev), self.attn], 1)
-        self.block_id = torch.cat([torch.full((B, width), BIG, dtype=torch.long, device=dev),
+        self.block_id = torch.cat([torch.full((B, width), NOT_GENERATED, dtype=torch.long, device=dev),
                                    self.block_id], 1)
 
     def admit(self, job: Job) -> None:
@@ -558,7 +557,7 @@ class Lane:
         attn_mask = None if bool(self.attn.all()) else self.attn
         if self.ctx is None:
             self.ctx = b.context(x, attn_mask)
-        gen_cols = self.block_id < BIG
+        gen_cols = self.block_id < NOT_GENERATED
         masked = (x == b.mask_id) & gen_cols
         cand, valid, _ = candidates(masked, self.block_id)
         if cand.shape[1] == 0:
@@ -579,7 +578,7 @@ class Lane:
     def rows_after_step(self) -> list[tuple[Job, int, list[int], bool]]:
         """(job, row, span ids, finished) for every row; finished rows leave the lane."""
         streaming = any(job.stream for job, _, _ in self.owners)
-        left = ((self.x == self.b.mask_id) & (self.block_id < BIG)).any(1).tolist()
+        left = ((self.x == self.b.mask_id) & (self.block_id < NOT_GENERATED)).any(1).tolist()
         host = self.x.cpu() if streaming or not all(left) else None
         out, keep = [], []
         L = self.x.shape[1]
