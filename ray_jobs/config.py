@@ -234,7 +234,10 @@ class TrainConfig(JobConfig):
     eos_window_keep: float = Field(1.0, gt=0, le=1)  # keep-probability of windows writing only EOS tokens
     next_targets: Count | None = None  # None = the KL at every masked position; n = the next n in order
     lr: float = Field(5.0e-5, gt=0)
-    warmup_steps: Int = Field(250, ge=0)  # linear warm-up, then constant
+    warmup_steps: Int = Field(250, ge=0)  # linear warm-up, then the schedule
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # after warm-up; cosine ends at lr * min_lr_ratio
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine only: the last step's lr over `lr`
+    norm_out_lr_scale: float = Field(10.0, gt=0)  # lr of the output norm (the zero-initialised gate) over lr
     weight_decay: float = Field(0.0, ge=0)
     adam_betas: list[float] = Field([0.9, 0.999], min_length=2, max_length=2)
     grad_clip: float = Field(1.0, gt=0)

@@ -116,8 +116,15 @@ def load_split(data: str | list, identity: str, fraction: float, rank: int,
     return train, val
 
 
-def lr_factor(step: int, warmup: int) -> float:
-    return min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """The lr multiplier at `step`: linear warm-up, then constant or a cosine down to min_lr_ratio at
+    the last step (the schedule follows cfg.steps, so a resumed run with more steps stretches it)."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - 1 - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,10 +292,16 @@ class Worker:
 
 def optimizer(cfg: TrainConfig, sampler: JointSampler, state: dict | None
               ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """AdamW with a linear warm-up, then a constant rate (restored from `state` when resuming)."""
-    opt = torch.optim.AdamW(sampler.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas),
-                            weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup_steps))
+    """AdamW with a linear warm-up, then the schedule (restored from `state` when resuming). The output
+    norm's weight, the zero-initialised gate on the sampler's update, has its own rate: Adam moves a
+    weight by about lr per step, so at the base rate the update's size, not its direction, limits early
+    training (docs/method.md)."""
+    named = list(sampler.named_parameters())
+    gate = [p for n, p in named if n.endswith("norm_out.weight")]
+    rest = [p for n, p in named if not n.endswith("norm_out.weight")]
+    opt = torch.optim.AdamW([{"params": rest}, {"params": gate, "lr": cfg.lr * cfg.norm_out_lr_scale}],
+                            lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     if state is not None:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -504,7 +517,9 @@ def run_train(config: TrainConfig | dict[str, Any] | None = None) -> dict[str, A
     with result.checkpoint.as_directory() as d:
         sampler_dir = export_sampler(Path(d), out / "sampler", {
             "trained_steps": metrics.get("step"), "teacher_data": data,
-            "train_config": {k: getattr(cfg, k) for k in ("lr", "warmup_steps", "batch_size", "k_max",
+            "train_config": {k: getattr(cfg, k) for k in ("lr", "warmup_steps", "lr_schedule",
+                                                          "min_lr_ratio", "norm_out_lr_scale", "batch_size",
+                                                          "k_max",
                                                           "k_weighting", "init", "loss_depths",
                                                           "eos_window_keep", "next_targets", "workers",
                                                           "seed")}})

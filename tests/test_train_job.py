@@ -8,11 +8,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from ray_jobs.common import read_manifest
+from ray_jobs.config import TrainConfig
 from ray_jobs.teacher import run_teacher, shard_name
-from ray_jobs.train import is_heldout, main, run_train
+from ray_jobs.train import is_heldout, lr_factor, main, run_train
 from sampler import JointSampler, ShardError, load_backbone
 from sampler.testing import make_toy_backbone
 
@@ -42,11 +44,14 @@ def log_lines(out: Path) -> list[dict]:
 def test_train_two_workers_then_resume(teacher_data, tmp_path):
     toy, data = teacher_data
     out = tmp_path / "run"
-    s = run_train(cfg(data, out, wandb="offline"))
+    s = run_train(cfg(data, out, wandb="offline", lr_schedule="cosine", min_lr_ratio=0.1))
     assert s["start_step"] == 0 and s["steps"] == 60
     lines = log_lines(out)
     train = [m for m in lines if "loss" in m]
     assert [m["step"] for m in train] == list(range(5, 61, 5))
+    lrs = [m["lr"] for m in train]  # warm-up to 3e-3 by step 5, then the cosine down to 3e-4 at the end
+    assert lrs[0] == pytest.approx(3e-3) and lrs[-1] == pytest.approx(3e-4, rel=0.02)
+    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
     first, last = train[:2], train[-4:]
     mean = lambda ms, f: sum(f(m) for m in ms) / len(ms)  # noqa: E731
     assert mean(last, lambda m: m["loss"]) < mean(first, lambda m: m["loss"])  # loss falls
@@ -58,7 +63,9 @@ def test_train_two_workers_then_resume(teacher_data, tmp_path):
     assert depth[4]["kl_sampler"] < depth[4]["kl_marginal"]
     ckpts = sorted(p.name for p in (out / "ray" / "train").glob("checkpoint-*"))
     assert ckpts == ["checkpoint-0000030", "checkpoint-0000060"]
-    assert (out / "ray" / "train" / "checkpoint-0000060" / "train_state.pt").exists()
+    state = torch.load(out / "ray" / "train" / "checkpoint-0000060" / "train_state.pt", weights_only=True)
+    groups = state["optimizer"]["param_groups"]  # the output norm's weight alone, at 10x the others' lr
+    assert len(groups[1]["params"]) == 1 and groups[1]["lr"] == pytest.approx(10 * groups[0]["lr"])
     bb = load_backbone(toy)
     exported = JointSampler.load(s["sampler_dir"], backbone=bb)
     assert json.loads((out / "sampler" / "sampler.json").read_text())["trained_steps"] == 60
@@ -109,6 +116,17 @@ def test_bad_data_refused_by_name(teacher_data, tmp_path, capsys):
     with pytest.raises(ValueError, match="batch_size"):
         run_train(cfg(data, tmp_path / "o4", batch_size=1))
     assert read_manifest(data)["complete"]
+
+
+def test_lr_schedule_warmup_then_constant_or_cosine():
+    const = TrainConfig(steps=100, warmup_steps=10)
+    cos = TrainConfig(steps=100, warmup_steps=10, lr_schedule="cosine", min_lr_ratio=0.2)
+    assert [lr_factor(s, const) for s in (0, 4, 9, 50, 99)] == [0.1, 0.5, 1.0, 1.0, 1.0]
+    assert [lr_factor(s, cos) for s in (0, 9)] == [0.1, 1.0]
+    assert lr_factor(10, cos) == pytest.approx(1.0) and lr_factor(99, cos) == pytest.approx(0.2)
+    assert lr_factor(54, cos) == pytest.approx(0.6, abs=0.01)  # half-way: the mean of the two ends
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig(lr_schedule="linear")
 
 
 def test_heldout_split_is_stable_and_sized():
