@@ -17,6 +17,7 @@ mode without a cache, and c without and with each cache (a cached sampler step o
 the current block in the middle of the generated region: a prefix pass's mean length over a decode).
 
     python benchmarks/decode_speed.py                          # embedded backbone, CPU
+    python benchmarks/decode_speed.py --sampler-layers 2 --costs-only   # c of a two-layer sampler
     python benchmarks/decode_speed.py --random-shapes dream-7b --gen-length 256   # GPU, bf16
     python benchmarks/decode_speed.py --random-shapes dream-7b --kv-cache --prompt-length 256 \
         --gen-length 256 --block-length 32 --ks 4                 # GPU: none / prefix / dual
@@ -150,6 +151,8 @@ def main() -> None:
     ap.add_argument("--random-shapes", choices=sorted(SHAPES), default=None,
                     help="a randomly initialised backbone of these shapes instead of a checkpoint")
     ap.add_argument("--sampler", default=None, help="sampler dir (default: an untrained sampler; same cost)")
+    ap.add_argument("--sampler-layers", type=int, default=1,
+                    help="decoder layers of the untrained sampler (c grows with them); not with --sampler")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                     help="default: the checkpoint's dtype (bfloat16 for --random-shapes)")
@@ -186,15 +189,18 @@ def main() -> None:
         bb = random_backbone(args.random_shapes, device, dtype or torch.bfloat16, args.layers)
     else:
         bb = load_backbone(args.backbone, device=device, dtype=dtype)
+    if args.sampler and args.sampler_layers != 1:
+        ap.error("--sampler-layers is for the untrained sampler; a saved one has its own (--sampler)")
     if args.sampler:
         s = JointSampler.load(args.sampler, bb)
     else:  # an untrained sampler costs exactly what a trained one does
-        s = JointSampler.for_backbone(bb, seed=0).to(bb.dtype).eval().requires_grad_(False)
+        s = JointSampler.for_backbone(bb, seed=0, n_layers=args.sampler_layers)
+        s = s.to(bb.dtype).eval().requires_grad_(False)
     where = (torch.cuda.get_device_name() if bb.device.type == "cuda"
              else f"cpu, {torch.get_num_threads()} threads")
     print(f"backbone {bb.name} ({sum(p.numel() for p in bb.parameters()) / 1e6:.1f}M params, {bb.dtype}), "
-          f"sampler {sum(p.numel() for p in s.parameters()) / 1e6:.1f}M params, {where}, "
-          f"gen_length {args.gen_length}, read-out {'compiled' if args.compile else 'eager'}")
+          f"sampler {s.args.n_layers} layer(s), {sum(p.numel() for p in s.parameters()) / 1e6:.1f}M params, "
+          f"{where}, gen_length {args.gen_length}, read-out {'compiled' if args.compile else 'eager'}")
 
     for batch in map(int, args.batches.split(",")):
         prompts = make_prompts(bb, batch, args.prompt_length)

@@ -229,7 +229,8 @@ class TrainConfig(JobConfig):
     batch_size: Count = 32  # global windows per step (split across workers)
     k_max: Count = 7  # largest unroll depth K
     k_weighting: Literal["inverse", "uniform"] = "inverse"  # P(K) ~ 1/K, or uniform
-    init: Literal["random", "backbone"] = "random"  # backbone: decoder layer from the backbone's last layer
+    init: Literal["random", "backbone"] = "random"  # backbone: decoder layers from the backbone's last ones
+    sampler_layers: Count = 1  # decoder layers of the sampler (docs/method.md); a resume must keep it
     loss_depths: Literal["last", "all"] = "last"  # KL after K steps only (the paper), or at every depth
     eos_window_keep: float = Field(1.0, gt=0, le=1)  # keep-probability of windows writing only EOS tokens
     next_targets: Count | None = None  # None = the KL at every masked position; n = the next n in order

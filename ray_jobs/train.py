@@ -52,7 +52,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 
 from ray_jobs.common import (
     backbone_identity,
@@ -65,7 +64,7 @@ from ray_jobs.common import (
 )
 from ray_jobs.config import TrainConfig, add_config_args, run_cli, validate
 from sampler import Backbone, JointSampler, depth_metrics, joint_loss, load_backbone, sample_windows
-from sampler.joint import SAMPLER_CONFIG, SAMPLER_WEIGHTS
+from sampler.joint import SAMPLER_CONFIG, SAMPLER_WEIGHTS, read_weights
 from sampler.schema import ShardError, read_trajectories
 from sampler.trajectory import WindowBatch
 
@@ -246,7 +245,8 @@ class Worker:
             raise ShardError(f"{run.backbone_path}: worker loaded backbone {backbone.identity}, the teacher "
                              f"data needs {run.identity}")
         train, val = load_split(run.data, backbone.identity, cfg.val_fraction, rank, world)
-        sampler = JointSampler.for_backbone(backbone, seed=cfg.seed, init=cfg.init)
+        sampler = JointSampler.for_backbone(backbone, seed=cfg.seed, init=cfg.init,
+                                            n_layers=cfg.sampler_layers)
         return cls(rank, world, device, run.bf16, backbone, sampler, train, val)
 
     def autocast(self) -> torch.autocast:
@@ -260,7 +260,12 @@ class Worker:
         if ckpt is None:
             return 0, None
         with ckpt.as_directory() as d:
-            self.sampler.load_state_dict(load_file(str(Path(d) / SAMPLER_WEIGHTS), device=str(self.device)))
+            saved = json.loads((Path(d) / SAMPLER_CONFIG).read_text())["args"]["n_layers"]
+            if saved != self.sampler.args.n_layers:  # name the setting, not the tensors that do not fit
+                raise ValueError(f"sampler_layers is {self.sampler.args.n_layers} but the checkpoint to "
+                                 f"resume from has {saved}: resume with sampler_layers={saved}, or train "
+                                 "into a new out / run_name")
+            self.sampler.load_state_dict(read_weights(d, device=str(self.device)))
             state = torch.load(Path(d) / TRAIN_STATE, map_location=self.device, weights_only=True)
         return int(state["step"]), state
 
@@ -520,7 +525,8 @@ def run_train(config: TrainConfig | dict[str, Any] | None = None) -> dict[str, A
             "train_config": {k: getattr(cfg, k) for k in ("lr", "warmup_steps", "lr_schedule",
                                                           "min_lr_ratio", "norm_out_lr_scale", "batch_size",
                                                           "k_max",
-                                                          "k_weighting", "init", "loss_depths",
+                                                          "k_weighting", "init", "sampler_layers",
+                                                          "loss_depths",
                                                           "eos_window_keep", "next_targets", "workers",
                                                           "seed")}})
     depth = unflat_depth(metrics)

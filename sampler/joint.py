@@ -1,7 +1,7 @@
-"""The joint sampler (docs/method.md): one decoder layer of the backbone's own type on top of the frozen
-backbone, run after each sampled token so later tokens see earlier ones.
+"""The joint sampler (docs/method.md): n_layers decoder layers (1 by default, the paper's) of the backbone's
+own type on top of the frozen backbone, run after each sampled token so later tokens see earlier ones.
 
-    h' = h + RMSNorm(Block(Linear(RMSNorm(e) ++ RMSNorm(h))))  ->  frozen LM head
+    h' = h + RMSNorm(Block_n(..Block_1(Linear(RMSNorm(e) ++ RMSNorm(h)))))  ->  frozen LM head
 
 The output norm's weight starts at zero, so an untrained sampler is exactly the marginal baseline.
 """
@@ -34,38 +34,55 @@ class SamplerMismatchError(ValueError):
     """A sampler used with a backbone other than the one it was trained for."""
 
 
+def read_weights(path: str | Path, device: str = "cpu") -> dict[str, Tensor]:
+    """A saved sampler's weights (`path`: its directory), keys as JointSampler names them today."""
+    sd = load_file(str(Path(path) / SAMPLER_WEIGHTS), device=device)
+    # saved before n_layers: the one decoder layer was `block.*`, now `blocks.0.*`
+    return {("blocks.0." + k[len("block."):] if k.startswith("block.") else k): v for k, v in sd.items()}
+
+
 class JointSampler(nn.Module):
-    def __init__(self, args: ModelArgs, *, backbone_identity: str = "", backbone_name: str = ""):
+    def __init__(self, args: ModelArgs, *, n_layers: int = 1, backbone_identity: str = "",
+                 backbone_name: str = ""):
         super().__init__()
-        self.args = replace(args, n_layers=1, causal=False)
+        if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1:
+            raise ValueError(f"n_layers must be an integer >= 1, got {n_layers!r}")
+        self.args = replace(args, n_layers=n_layers, causal=False)  # args.n_layers: the sampler's own
         self.backbone_identity = backbone_identity
         self.backbone_name = backbone_name
         d = args.dim
         self.norm_e = RMSNorm(d, args.norm_eps)
         self.norm_h = RMSNorm(d, args.norm_eps)
         self.proj = nn.Linear(2 * d, d, bias=False)
-        self.block = Block(self.args)
+        self.blocks = nn.ModuleList(Block(self.args) for _ in range(n_layers))
         self.norm_out = RMSNorm(d, args.norm_eps)
         nn.init.zeros_(self.norm_out.weight)
 
     @classmethod
-    def for_backbone(cls, backbone: Backbone, seed: int | None = None, init: str = "random") -> JointSampler:
-        """A new sampler for `backbone`. init "backbone": the warm start of `warm_start`."""
+    def for_backbone(cls, backbone: Backbone, seed: int | None = None, init: str = "random",
+                     n_layers: int = 1) -> JointSampler:
+        """A new sampler of `n_layers` decoder layers for `backbone`. init "backbone": the warm start of
+        `warm_start`."""
         if init not in ("random", "backbone"):
             raise ValueError(f"init must be 'random' or 'backbone', got {init!r}")
         if seed is not None:
             torch.manual_seed(seed)
-        s = cls(backbone.args, backbone_identity=backbone.identity, backbone_name=backbone.name)
+        s = cls(backbone.args, n_layers=n_layers, backbone_identity=backbone.identity,
+                backbone_name=backbone.name)
         s = s.to(device=backbone.device)
         return s.warm_start(backbone) if init == "backbone" else s
 
     @torch.no_grad()
     def warm_start(self, backbone: Backbone) -> JointSampler:
-        """Start the decoder layer from the backbone's last layer, and the input projection as the
-        identity on the hidden-state half (the embedding half at zero: it still gets gradients), so the
-        layer first sees what the backbone's last layer saw, roughly. The output norm stays at zero: step
-        0 is still exactly the marginal baseline."""
-        self.block.load_state_dict(backbone.model.layers[-1].state_dict())
+        """Start the n decoder layers from the backbone's last n layers, in order, and the input projection
+        as the identity on the hidden-state half (the embedding half at zero: it still gets gradients), so
+        the first layer first sees what the backbone's n-th last layer saw, roughly. The output norm stays
+        at zero: step 0 is still exactly the marginal baseline."""
+        n, have = len(self.blocks), len(backbone.model.layers)
+        if n > have:
+            raise ValueError(f"n_layers {n}: a warm start needs as many backbone layers, it has {have}")
+        for block, layer in zip(self.blocks, backbone.model.layers[have - n:], strict=True):
+            block.load_state_dict(layer.state_dict())
         d = self.args.dim
         self.proj.weight.zero_()
         self.proj.weight[:, d:] = torch.eye(d, dtype=self.proj.weight.dtype, device=self.proj.weight.device)
@@ -77,12 +94,17 @@ class JointSampler(nn.Module):
 
         With a `cache` (sampler.kvcache), after its first pass since a refresh only `cache.cols` are
         computed, over the cached keys and values of the others, whose h passes through unchanged."""
-        cols, kvs = cache.start("sampler") if cache is not None else (None, [None])
+        cols, kvs = cache.start("sampler") if cache is not None else (None, [None] * len(self.blocks))
+        if len(kvs) != len(self.blocks):
+            raise ValueError(f"the cache holds {len(kvs)} sampler layers, this sampler has n_layers "
+                             f"{len(self.blocks)}: make the cache with this sampler")
         h_in = h
         if cols is not None:
             e, h_in, ctx = gather_cols(e, cols), gather_cols(h, cols), ctx.at(cols)
         x = self.proj(torch.cat([self.norm_e(e), self.norm_h(h_in)], dim=-1))
-        out = h_in + self.norm_out(self.block(x, ctx, kvs[0]))
+        for block, kv in zip(self.blocks, kvs, strict=True):
+            x = block(x, ctx, kv)
+        out = h_in + self.norm_out(x)
         return out if cols is None else scatter_cols(h, cols, out)
 
     def check_backbone(self, backbone: Backbone) -> None:
@@ -112,10 +134,10 @@ class JointSampler(nn.Module):
             if not (path / f).exists():
                 raise FileNotFoundError(f"{path}: missing {f} (not a sampler directory)")
         cfg = json.loads((path / SAMPLER_CONFIG).read_text())
-        s = cls(ModelArgs(**cfg["args"]), backbone_identity=cfg.get("backbone_identity", ""),
+        args = ModelArgs(**cfg["args"])
+        s = cls(args, n_layers=args.n_layers, backbone_identity=cfg.get("backbone_identity", ""),
                 backbone_name=cfg.get("backbone_name", ""))
-        sd = load_file(str(path / SAMPLER_WEIGHTS))
-        missing, unexpected = s.load_state_dict(sd, strict=False)
+        missing, unexpected = s.load_state_dict(read_weights(path), strict=False)
         if missing or unexpected:
             raise ValueError(f"{path / SAMPLER_WEIGHTS}: missing {missing}, unexpected {unexpected}")
         if backbone is not None:

@@ -13,14 +13,14 @@ With the Dream shift (1) the distribution at the block's first position comes fr
 before it, so that column is computed too. Cached columns go stale as the block's tokens change (in a
 bidirectional model every layer but the first sees them): that is the approximation, and the next block
 refreshes it. Rows may be in different blocks; when any unfinished row's block changed, every row is
-refreshed. The joint sampler's one layer works the same way: its first pass after a refresh computes and
-stores every column, its later passes only the computed columns (its input outside them stays that of
-the first pass), so a sampler step costs in proportion to the block.
+refreshed. The joint sampler's layers (one pair of keys and values each) work the same way: its first
+pass after a refresh computes and stores every column, its later passes only the computed columns (its
+input outside them stays that of the first pass), so a sampler step costs in proportion to the block.
 
-Memory, allocated once per batch, per row: keys and values 2 x (n_layers + 1 sampler layer) x n_kv_heads
+Memory, allocated once per batch, per row: keys and values 2 x (n_layers + sampler layers) x n_kv_heads
 x L x head_dim x bytes, plus the last hidden states L x dim x bytes (the uncached loop holds those too).
-Dream-7B (28 layers, 4 KV heads, head_dim 128, dim 3584, bf16) at L = 512 tokens:
-2*28*4*512*128*2 = 29,360,128 B (28 MiB) for the backbone + 1,048,576 B (1 MiB) for the sampler
+Dream-7B (28 layers, 4 KV heads, head_dim 128, dim 3584, bf16) at L = 512 tokens, a one-layer sampler:
+2*28*4*512*128*2 = 29,360,128 B (28 MiB) for the backbone + 1,048,576 B (1 MiB) per sampler layer
 + 512*3584*2 = 3,670,016 B (3.5 MiB) of hidden states = 34,078,720 B = 32.5 MiB a row (520 MiB at 16 rows).
 """
 
@@ -42,15 +42,16 @@ KINDS = tuple(k for k in KV_CACHES if k != "none")
 
 
 class BlockKVCache:
-    """Keys and values of every backbone layer (and of the sampler's layer, with `sampler_dtype`) at all
-    L columns of a batch, the backbone's last hidden states, and the columns the next passes compute.
+    """Keys and values of every backbone layer (and of the sampler's `sampler_layers` layers, with
+    `sampler_dtype`) at all L columns of a batch, the backbone's last hidden states, and the columns the
+    next passes compute.
 
     Use: `plan(masked, block_id)` before each full pass (it refreshes at a new block), then pass the cache
     to `Backbone.hidden` and `JointSampler.forward`, which return full [B, L, dim] hidden states."""
 
     def __init__(self, args: ModelArgs, batch: int, seq_len: int, *, kind: str = "prefix", shift: int = 1,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 sampler_dtype: torch.dtype | None = None):
+                 sampler_dtype: torch.dtype | None = None, sampler_layers: int = 1):
         if kind not in KINDS:
             raise ValueError(f"kv_cache must be one of {KINDS} for a BlockKVCache, got {kind!r}")
         if args.causal:
@@ -60,9 +61,10 @@ class BlockKVCache:
         self.k = torch.zeros(args.n_layers, *shape, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
         self.layers = {"backbone": list(zip(self.k.unbind(0), self.v.unbind(0), strict=True)), "sampler": []}
-        if sampler_dtype is not None:
+        if sampler_dtype is not None:  # one (keys, values) pair per sampler layer
             self.layers["sampler"] = [(torch.zeros(shape, dtype=sampler_dtype, device=device),
-                                       torch.zeros(shape, dtype=sampler_dtype, device=device))]
+                                       torch.zeros(shape, dtype=sampler_dtype, device=device))
+                                      for _ in range(sampler_layers)]
         self.stored = {"backbone": False, "sampler": False}  # every column stored since the last refresh
         self.cols: Tensor | None = None  # [B, Q]: the columns the passes compute once stored
         self.h: Tensor | None = None  # the backbone's last hidden states [B, L, dim]
@@ -72,15 +74,16 @@ class BlockKVCache:
     @classmethod
     def for_backbone(cls, backbone: Backbone, batch: int, seq_len: int, kind: str,
                      sampler: JointSampler | None = None) -> BlockKVCache:
-        """A cache for `batch` rows of `seq_len` columns (with a layer for `sampler` if given)."""
+        """A cache for `batch` rows of `seq_len` columns (with the layers of `sampler` if given)."""
         return cls(backbone.args, batch, seq_len, kind=kind, shift=backbone.shift, dtype=backbone.dtype,
                    device=backbone.device,
-                   sampler_dtype=None if sampler is None else sampler.proj.weight.dtype)
+                   sampler_dtype=None if sampler is None else sampler.proj.weight.dtype,
+                   sampler_layers=1 if sampler is None else sampler.args.n_layers)
 
     @classmethod
     def for_decoding(cls, backbone: Backbone, settings: DecodeSettings, batch: int, seq_len: int,
                      sampler: JointSampler | None = None) -> BlockKVCache | None:
-        """The cache `settings.kv_cache` asks for (None for "none"), with the sampler's layer in joint
+        """The cache `settings.kv_cache` asks for (None for "none"), with the sampler's layers in joint
         mode: what `generate` and a serving lane allocate for a batch."""
         if settings.kv_cache == "none":
             return None

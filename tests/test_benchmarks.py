@@ -30,8 +30,9 @@ def test_decode_speed_kv_cache_rows():
     out = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "decode_speed.py"), "--kv-cache", "--batches", "1,2",
          "--prompt-length", "6", "--gen-length", "8", "--block-length", "4", "--ks", "2", "--repeats", "1",
-         "--threads", "1"],
+         "--threads", "1", "--sampler-layers", "2"],
         capture_output=True, text=True, timeout=300, cwd=ROOT, check=True).stdout
+    assert "sampler 2 layer(s)" in out.splitlines()[0]  # a two-layer sampler, cached layer by layer
     heads = [ln for ln in out.splitlines() if ln.startswith("batch ")]
     assert len(heads) == 2 and all("prompt 6, block 4" in h for h in heads)
     assert all(f"{kv}: full pass" in h and h.count("c = ") == 3 for h in heads

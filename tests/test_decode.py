@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sampler import JointSampler, encode_prompts, generate
+from sampler import DEFAULT_BACKBONE, JointSampler, encode_prompts, from_result, generate, joint_loss
 from sampler.decode import log_probs
+from sampler.joint import SAMPLER_WEIGHTS
+from sampler.trajectory import sample_windows
 
 
 def naive_threshold(bb, prompt: list[int], gen_length: int, tau: float, k: int,
@@ -335,3 +341,83 @@ def test_planned_order_reads_out_the_full_pass_plan(toy):
                       policy="confidence", threshold=0.3, order="planned")
     fixed = generate(toy, prompts, mode="marginal", k=3, gen_length=9, temperature=0, policy="confidence")
     assert hybrid.tokens == fixed.tokens and hybrid.order == fixed.order and hybrid.full_passes == 3
+
+
+# --- a sampler of several decoder layers (n_layers) ---------------------------------------------------------
+
+
+def test_two_layer_sampler_is_marginal_untrained_and_differs_from_one_layer_trained(toy):
+    prompts = encode_prompts(toy, n=3)
+    two = JointSampler.for_backbone(toy, seed=0, n_layers=2)
+    assert len(two.blocks) == 2 and two.args.n_layers == 2 and not two.args.causal
+    a = generate(toy, prompts, mode="marginal", k=3, gen_length=9, seed=5)
+    b = generate(toy, prompts, sampler=two, mode="joint", k=3, gen_length=9, seed=5)
+    assert a.tokens == b.tokens and b.sampler_passes == 6  # the zero gate: exactly the marginal baseline
+    one = JointSampler.for_backbone(toy, seed=0)
+    with torch.no_grad():
+        for s in (one, two):
+            s.norm_out.weight.fill_(1.0)  # an open gate, as after training
+    x = torch.tensor([p + [toy.mask_id] * 6 for p in (q[:4] for q in prompts)])
+    ctx = toy.context(x)
+    with torch.no_grad():
+        h = toy.hidden(x, None, ctx)
+        out1, out2 = one(toy.embed(x), h, ctx), two(toy.embed(x), h, ctx)
+    assert not torch.allclose(out2, h, atol=1e-3) and not torch.allclose(out2, out1, atol=1e-3)
+    c = generate(toy, prompts, sampler=two, mode="joint", k=3, gen_length=9, seed=5)
+    assert c.tokens != a.tokens  # the second layer's output reaches the tokens
+    with pytest.raises(ValueError, match="n_layers"):
+        JointSampler.for_backbone(toy, n_layers=0)
+    with pytest.raises(ValueError, match="n_layers 3"):  # the toy backbone has 2 layers to copy
+        JointSampler.for_backbone(toy, init="backbone", n_layers=3)
+
+
+def test_warm_start_copies_the_last_n_layers_in_order(toy):
+    s = JointSampler.for_backbone(toy, seed=0, init="backbone", n_layers=2)
+    for block, layer in zip(s.blocks, toy.model.layers[-2:], strict=True):
+        for name, p in layer.state_dict().items():
+            assert torch.equal(block.state_dict()[name], p)
+    assert not torch.equal(toy.model.layers[0].mlp.up_proj.weight, toy.model.layers[1].mlp.up_proj.weight)
+
+
+def test_two_layer_sampler_saves_and_loads(toy, tmp_path):
+    s = JointSampler.for_backbone(toy, seed=0, n_layers=2)
+    with torch.no_grad():
+        s.norm_out.weight.fill_(0.5)
+    s.save(tmp_path / "two")
+    assert json.loads((tmp_path / "two" / "sampler.json").read_text())["args"]["n_layers"] == 2
+    loaded = JointSampler.load(tmp_path / "two", toy)
+    assert len(loaded.blocks) == 2 and loaded.args.n_layers == 2
+    want = s.state_dict()
+    assert sorted(loaded.state_dict()) == sorted(want) and any(k.startswith("blocks.1.") for k in want)
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, want[k]), k
+
+
+def test_sampler_saved_with_block_keys_loads_into_blocks_0(toy, tmp_path):
+    """Samplers saved before n_layers named their one layer `block.*` (the shipped one among them)."""
+    s = JointSampler.for_backbone(toy, seed=0)
+    with torch.no_grad():
+        s.norm_out.weight.fill_(0.5)
+    s.save(tmp_path / "old")
+    f = tmp_path / "old" / SAMPLER_WEIGHTS
+    save_file({k.replace("blocks.0.", "block."): v for k, v in load_file(str(f)).items()}, str(f))
+    assert any(k.startswith("block.") for k in load_file(str(f)))
+    loaded = JointSampler.load(tmp_path / "old", toy)
+    assert len(loaded.blocks) == 1
+    for k, v in s.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    shipped = JointSampler.load(DEFAULT_BACKBONE.parent / "sampler")
+    for k, v in load_file(str(DEFAULT_BACKBONE.parent / "sampler" / SAMPLER_WEIGHTS)).items():
+        assert torch.equal(shipped.state_dict()[k.replace("block.", "blocks.0.", 1)], v), k
+
+
+def test_joint_loss_reaches_both_layers(toy):
+    trajs = from_result(generate(toy, encode_prompts(toy, n=8), gen_length=8, seed=0))
+    s = JointSampler.for_backbone(toy, seed=0, n_layers=2)
+    with torch.no_grad():
+        s.norm_out.weight.fill_(0.1)  # away from the zero gate, which would block every gradient
+    batch = sample_windows(trajs, 8, 3, np.random.default_rng(0), toy.mask_id, toy.pad_id)
+    loss, _ = joint_loss(toy, s, batch)
+    loss.backward()
+    for block in s.blocks:
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in block.parameters())

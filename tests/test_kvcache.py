@@ -42,8 +42,8 @@ def toy1(toy1_dir):
     return load_backbone(toy1_dir)
 
 
-def sampler_for(bb: Backbone) -> JointSampler:
-    s = JointSampler.for_backbone(bb, seed=0)
+def sampler_for(bb: Backbone, n_layers: int = 1) -> JointSampler:
+    s = JointSampler.for_backbone(bb, seed=0, n_layers=n_layers)
     with torch.no_grad():  # a nonzero output norm, so the sampler changes the distributions
         s.norm_out.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(1))
     return s.eval()
@@ -72,13 +72,14 @@ def test_block_length_one_equals_uncached(toy, shift, kind):
         assert got.full_passes == ref.full_passes
 
 
+@pytest.mark.parametrize("n_layers", [1, 2])
 @pytest.mark.parametrize("shift", [1, 0])
 @pytest.mark.parametrize("kind", ["prefix", "dual"])
-def test_joint_one_sampler_pass_per_block_equals_uncached(toy, shift, kind):
+def test_joint_one_sampler_pass_per_block_equals_uncached(toy, shift, kind, n_layers):
     """k = block length = 2: each block is one full pass (a refresh) and one sampler pass, the sampler's
-    first since the refresh, which computes and stores every column: exact."""
+    first since the refresh, which computes and stores every column: exact, with any number of layers."""
     bb = toy if shift else unshifted(toy)
-    common = {"gen_length": 12, "block_length": 2, "temperature": 0.0, "sampler": sampler_for(bb),
+    common = {"gen_length": 12, "block_length": 2, "temperature": 0.0, "sampler": sampler_for(bb, n_layers),
               "mode": "joint", "k": 2, "stop_at_eos": True}
     ref = generate(bb, prompts_for(bb), **common)
     got = generate(bb, prompts_for(bb), kv_cache=kind, **common)
@@ -97,11 +98,13 @@ class RecordingSampler(JointSampler):
         return super().forward(e, h, ctx, cache)
 
 
-@pytest.mark.parametrize("fields", [{"k": 3}, {"k": 3, "threshold": 0.9}])
+@pytest.mark.parametrize("fields", [{"k": 3}, {"k": 3, "threshold": 0.9}, {"k": 3, "n_layers": 2}])
 def test_generate_gives_the_sampler_the_cache(toy, fields):
     """Every sampler pass of a cached generation gets the cache (fixed k and the threshold hybrid)."""
-    s = RecordingSampler(toy.args, backbone_identity=toy.identity)
-    s.load_state_dict(sampler_for(toy).state_dict())
+    fields = dict(fields)  # a copy: pytest shares the parameter's dict
+    n_layers = fields.pop("n_layers", 1)
+    s = RecordingSampler(toy.args, n_layers=n_layers, backbone_identity=toy.identity)
+    s.load_state_dict(sampler_for(toy, n_layers).state_dict())
     s.caches = []
     r = generate(toy, prompts_for(toy), sampler=s.eval(), mode="joint", gen_length=12, block_length=4,
                  temperature=0.0, kv_cache="dual", **fields)
@@ -226,6 +229,32 @@ def test_cached_sampler_pass_equals_uncached(toy, kind):
     with pytest.raises(ValueError, match="no sampler layer"):
         no_sampler = BlockKVCache.for_backbone(toy, 1, 4, kind)
         no_sampler.start("sampler")
+
+
+@pytest.mark.parametrize("kind", ["prefix", "dual"])
+def test_two_layer_sampler_caches_a_pair_per_layer(toy, kind):
+    """One (keys, values) pair per sampler layer, each written by its own layer: a cached pass over
+    unchanged input equals the uncached one only if every layer attends over its own cached columns."""
+    s = sampler_for(toy, n_layers=2)
+    with torch.inference_mode():
+        x, attn, block_id, masked = batch_in_blocks(toy)
+        ctx = toy.context(x, attn)
+        cache = BlockKVCache.for_backbone(toy, x.shape[0], x.shape[1], kind, sampler=s)
+        pairs = cache.layers["sampler"]
+        assert len(pairs) == 2 and pairs[0][0].data_ptr() != pairs[1][0].data_ptr()
+        cache.plan(masked, block_id)
+        h = toy.hidden(x, attn, ctx, cache)
+        want = s(toy.embed(x), h, ctx)
+        torch.testing.assert_close(s(toy.embed(x), h, ctx, cache), want, rtol=0, atol=1e-5)  # stores
+        assert all(k.abs().sum() > 0 and v.abs().sum() > 0 for k, v in pairs)
+        assert not torch.allclose(pairs[0][0], pairs[1][0])
+        got = s(toy.embed(x), h, ctx, cache)  # only cache.cols computed, the rest from each layer's pair
+        computed = torch.zeros(x.shape, dtype=torch.bool).scatter_(1, cache.cols, True)
+        assert not computed.all()
+        torch.testing.assert_close(got[computed], want[computed], rtol=0, atol=1e-5)
+        one_layer = BlockKVCache.for_backbone(toy, x.shape[0], x.shape[1], kind, sampler=sampler_for(toy))
+        with pytest.raises(ValueError, match="n_layers 2"):
+            s(toy.embed(x), h, ctx, one_layer)
 
 
 def test_plan_refreshes_only_when_an_unfinished_row_changes_block(toy):

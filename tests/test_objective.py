@@ -95,7 +95,7 @@ def test_shards_round_trip_and_refuse_bad_input(toy, trajs, tmp_path):
 def test_warm_start_copies_the_last_layer_and_is_still_marginal(toy, trajs):
     s = JointSampler.for_backbone(toy, seed=0, init="backbone")
     for name, p in toy.model.layers[-1].state_dict().items():
-        assert torch.equal(s.block.state_dict()[name], p)
+        assert torch.equal(s.blocks[0].state_dict()[name], p)
     d = toy.args.dim
     assert torch.equal(s.proj.weight[:, d:], torch.eye(d)) and not s.proj.weight[:, :d].any()
     prompts = encode_prompts(toy, n=3)
@@ -117,7 +117,7 @@ def test_loss_at_every_depth(toy, trajs):
     deep = sample_windows(trajs[:16], 16, 4, rng, toy.mask_id, toy.pad_id)
     loss, _ = joint_loss(toy, s, deep, "all")
     loss.backward()
-    assert s.block.self_attn.q_proj.weight.grad.abs().sum() > 0
+    assert s.blocks[0].self_attn.q_proj.weight.grad.abs().sum() > 0
     assert not torch.allclose(loss, joint_loss(toy, s, deep, "last")[0])  # earlier depths count too
     with pytest.raises(ValueError, match="depths"):
         joint_loss(toy, s, deep, "every")
