@@ -13,10 +13,10 @@ model_args: `backbone` (as `load_backbone`: a checkpoint dir or hub id; default:
 `sampler` (auto: a trained sampler next to the backbone; none; or a sampler directory), `device` (the
 CPU when CUDA is absent, whatever lm-eval's CLI says), `dtype`, `batch_size` (sequences per `generate`
 call), `max_gen_toks` (when a task sets none), `seed`, and every field of `sampler.settings.DecodeSettings`
-(mode, k, temperature, top_p, policy, block_length, stop_at_eos, threshold, kv_cache, order), validated there;
-`stop_at_eos` defaults to true. The decoding is the method under evaluation, so it comes from model_args
-alone: a task's `until` and `max_gen_toks` are honoured, its sampling keys (do_sample, temperature, ...)
-are ignored with a warning.
+(mode, k, temperature, top_p, policy, block_length, stop_at_eos, threshold, kv_cache, order, fill),
+validated there; `stop_at_eos` defaults to true. The decoding is the method under evaluation, so it comes
+from model_args alone: a task's `until` and `max_gen_toks` are honoured, its sampling keys (do_sample,
+temperature, ...) are ignored with a warning.
 
 Log-likelihood requests (multiple-choice and perplexity tasks) are refused: see LOGLIKELIHOOD_REFUSED.
 """

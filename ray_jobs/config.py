@@ -23,7 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ray_jobs.common import Dtype
-from sampler.settings import DecodeSettings, KVCache, Mode, Order, Policy
+from sampler.settings import DecodeSettings, Fill, KVCache, Mode, Order, Policy
 
 # An integer >= 1; strict: `true` or 2.5 is not a count
 Count = Annotated[int, Field(strict=True, ge=1)]
@@ -289,6 +289,7 @@ class GenerateConfig(JobConfig):
     threshold: float | None = None  # None = fixed k; else confidence-threshold decoding (marginal / joint)
     kv_cache: KVCache = "none"
     order: Order = "rescore"  # joint, fixed k: rescore every candidate after a sampler step, or planned
+    fill: Fill = "k"  # joint with a threshold: the sampler fills to k, or takes only what it made sure
     seed: Int = 0
     # Ray
     ray_address: str | None = None  # None = RAY_ADDRESS or a local cluster

@@ -16,6 +16,7 @@ Mode = Literal["exact", "marginal", "joint"]
 Policy = Literal["entropy", "confidence", "margin", "random"]
 KVCache = Literal["none", "prefix", "dual"]
 Order = Literal["rescore", "planned"]
+Fill = Literal["k", "sure"]
 MODES: tuple[str, ...] = get_args(Mode)
 POLICIES: tuple[str, ...] = get_args(Policy)
 KV_CACHES: tuple[str, ...] = get_args(KVCache)
@@ -35,6 +36,10 @@ class DecodeSettings(BaseModel):
         chosen. rescore: by the sampler's updated distributions at every candidate (a read-out over all
         of them per sampler step); planned: by the full pass's scores, fixed for the step, so a sampler
         step reads out one position.
+    fill: in joint mode with a threshold, what the sampler takes after each of its passes. k: its best
+        candidate whatever its confidence (and any it made sure), until the row has k tokens (the hybrid);
+        sure: only the candidates whose top probability under the sampler is >= threshold, and a row
+        with none stops until the next full pass (docs/method.md, "Threshold and hybrid decoding").
     kv_cache: none, or a block-wise approximate cache of keys and values (prefix: positions before the
         current block are reused; dual: those after it too), refreshed at every new block.
     """
@@ -51,6 +56,7 @@ class DecodeSettings(BaseModel):
     threshold: float | None = Field(None, ge=0.0)
     kv_cache: KVCache = "none"
     order: Order = "rescore"
+    fill: Fill = "k"
 
     @field_validator("threshold")
     @classmethod
@@ -65,6 +71,16 @@ class DecodeSettings(BaseModel):
         if self.mode == "exact" and self.k != 1:
             object.__setattr__(self, "k", 1)  # k means nothing in exact mode
         return self
+
+    @field_validator("fill")
+    @classmethod
+    def _fill_sure_needs_a_joint_threshold(cls, v: str, info: ValidationInfo) -> str:
+        d = info.data
+        if v == "sure" and not (d.get("mode") == "joint" and d.get("threshold") is not None
+                                and d.get("order") == "rescore"):
+            raise ValueError("'sure' is a rule for the sampler's passes: it needs mode 'joint', a threshold "
+                             "and order 'rescore'")
+        return v
 
     def replace(self, **changes: Any) -> DecodeSettings:
         """A copy with some fields changed, validated again."""

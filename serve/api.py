@@ -3,7 +3,7 @@
 Requests follow OpenAI's completions / chat completions schema so the official client works unchanged.
 Extension fields choose the decoding: `mode` (exact / marginal / joint), `k` (the most tokens per full
 pass), `threshold` (confidence-threshold decoding), `kv_cache` (none / prefix / dual), `order` (joint:
-rescore / planned), `policy`,
+rescore / planned), `fill` (joint with a threshold: k / sure), `policy`,
 `block_length`, `stop_at_eos`. Fields left out take the server's configured defaults; `k` is ignored (1)
 in exact mode. The decoding fields' types come from `sampler.settings`, and their values are validated
 there (one place), by the generator, with the server's limits and what depends on the served model
@@ -30,7 +30,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
-from sampler.settings import KVCache, Mode, Order, Policy
+from sampler.settings import Fill, KVCache, Mode, Order, Policy
 
 
 class ApiError(Exception):
@@ -133,6 +133,7 @@ class _Request(BaseModel):
     threshold: float | None = None
     kv_cache: KVCache | None = None
     order: Order | None = None
+    fill: Fill | None = None
     policy: Policy | None = None
     block_length: int | None = None
     stop_at_eos: bool | None = None
@@ -165,7 +166,8 @@ class _Request(BaseModel):
         return {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
                 "n": self.n, "seed": self.seed, "stop": self.stop, "mode": self.mode, "k": self.k,
                 "threshold": self.threshold, "kv_cache": self.kv_cache, "order": self.order,
-                "policy": self.policy, "block_length": self.block_length, "stop_at_eos": self.stop_at_eos}
+                "fill": self.fill, "policy": self.policy, "block_length": self.block_length,
+                "stop_at_eos": self.stop_at_eos}
 
 
 class StreamOptions(BaseModel):
@@ -243,6 +245,7 @@ class DecodingInfo(BaseModel):
     threshold: float | None = None
     kv_cache: str = "none"
     order: str = "rescore"
+    fill: str = "k"
     full_passes: int
     tokens_per_pass: float  # mean over rows of tokens decoded per full pass that decoded for the row
     sampler_passes: int

@@ -443,7 +443,8 @@ class Engine:
         self.metrics.decode_s.observe(done_at - job.admitted, tags={"mode": settings.mode})
         rates = [row.decoded / row.passes for row in job.rows if row.passes]
         info = {"mode": settings.mode, "k": settings.k, "threshold": settings.threshold,
-                "kv_cache": settings.kv_cache, "order": settings.order, "full_passes": job.full_passes,
+                "kv_cache": settings.kv_cache, "order": settings.order, "fill": settings.fill,
+                "full_passes": job.full_passes,
                 "tokens_per_pass": round(sum(rates) / max(len(rates), 1), 4),
                 "sampler_passes": job.sampler_passes, "batch_requests": job.max_batch_requests,
                 "batch_rows": job.max_batch_rows, "shared_passes": job.shared_passes,

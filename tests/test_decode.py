@@ -277,8 +277,51 @@ def test_joint_threshold_takes_sure_tokens_without_sampler_passes(toy):
     assert hybrid.sampler_passes < fixed.sampler_passes  # the sure ones needed no sampler pass
 
 
-@pytest.mark.parametrize("mode,threshold", [("marginal", 0.5), ("joint", 0.5), ("joint", None)])
-def test_rows_stop_independently(toy, mode, threshold):
+def test_fill_sure_takes_only_what_the_sampler_made_sure(toy):
+    """fill='sure': above 1 nothing is ever sure, so it is exact decoding with one (wasted) sampler pass
+    per full pass that leaves a candidate; at 0 everything is, so it fills to k like the hybrid; in between
+    it takes fewer tokens per pass than filling to k, and still decodes every position."""
+    prompts = encode_prompts(toy, ["A journey of", "To be, or not", "Name"])
+    oracle = OracleSampler(toy)
+    exact = generate(toy, prompts, mode="exact", gen_length=12, temperature=0)
+    above = generate(toy, prompts, sampler=oracle, mode="joint", k=4, threshold=1.5, fill="sure",
+                     gen_length=12, temperature=0)
+    assert above.tokens == exact.tokens and above.order == exact.order
+    assert above.full_passes == exact.full_passes == 12
+    assert above.sampler_passes == 11  # none after the last pass: no candidate is left
+    s = JointSampler.for_backbone(toy, seed=0)
+    with torch.no_grad():
+        s.norm_out.weight.fill_(0.5)
+    kw = dict(sampler=s, mode="joint", k=4, gen_length=12, seed=3)
+    assert generate(toy, prompts, threshold=0.0, fill="sure", **kw).tokens == \
+        generate(toy, prompts, threshold=0.0, **kw).tokens
+    old = toy.model.lm_head
+    toy.model.lm_head = sharpened(toy, 3.0)  # sure at some positions, not at others
+    try:
+        sure = generate(toy, prompts, threshold=0.7, fill="sure", **kw)
+        to_k = generate(toy, prompts, threshold=0.7, **kw)
+    finally:
+        toy.model.lm_head = old
+    assert 1.0 < sure.tokens_per_pass < to_k.tokens_per_pass == 4.0
+    for order in sure.order:
+        assert sorted(order) == list(range(12))
+
+
+@pytest.mark.parametrize("settings", [dict(mode="joint", k=4, fill="sure"),
+                                      dict(mode="marginal", k=4, threshold=0.9, fill="sure"),
+                                      dict(mode="joint", k=4, threshold=0.9, order="planned", fill="sure")])
+def test_fill_sure_needs_a_joint_rescoring_threshold(settings):
+    from pydantic import ValidationError
+
+    from sampler.settings import DecodeSettings
+
+    with pytest.raises(ValidationError, match="fill"):
+        DecodeSettings(**settings)
+
+
+@pytest.mark.parametrize("mode,threshold,fill", [("marginal", 0.5, "k"), ("joint", 0.5, "k"),
+                                                 ("joint", None, "k"), ("joint", 0.5, "sure")])
+def test_rows_stop_independently(toy, mode, threshold, fill):
     """With EOS and thresholds rows finish after different numbers of passes: batched = each row alone."""
     prompts = encode_prompts(toy, ["The quick brown", "San", "To be, or not to be"])
     s = JointSampler.for_backbone(toy, seed=0)
@@ -290,7 +333,7 @@ def test_rows_stop_independently(toy, mode, threshold):
     with torch.no_grad():
         head.bias[toy.eos_id] = 8.0  # EOS likely but not certain: rows end at different passes
     toy.model.lm_head = head
-    kw = dict(sampler=s, mode=mode, k=4, threshold=threshold, gen_length=12, temperature=0,
+    kw = dict(sampler=s, mode=mode, k=4, threshold=threshold, fill=fill, gen_length=12, temperature=0,
               stop_at_eos=True)
     try:
         batch = generate(toy, prompts, **kw)

@@ -142,7 +142,8 @@ def engine(toy):
                                       {"mode": "joint", "k": 2, "stop_at_eos": True},
                                       {"mode": "joint", "k": 4, "order": "planned"},
                                       {"mode": "marginal", "k": 8, "threshold": 0.2},
-                                      {"mode": "joint", "k": 4, "threshold": 0.2, "stop_at_eos": True}])
+                                      {"mode": "joint", "k": 4, "threshold": 0.2, "stop_at_eos": True},
+                                      {"mode": "joint", "k": 4, "threshold": 0.2, "fill": "sure"}])
 def test_engine_matches_sampler_generate(engine, toy, decoding):
     decoding = {"temperature": 0.0, "max_tokens": 20, "stop_at_eos": False, **decoding}
     events = asyncio.run(_collect(engine, "The quick brown", **decoding))
@@ -417,6 +418,8 @@ BAD = [
     ("/v1/completions", {"prompt": "x", "mode": "exact", "threshold": 0.9}, 400, "threshold", "exact"),
     ("/v1/completions", {"prompt": "x", "kv_cache": "full"}, 400, "kv_cache", "prefix"),
     ("/v1/completions", {"prompt": "x", "order": "random"}, 400, "order", "planned"),
+    ("/v1/completions", {"prompt": "x", "fill": "all"}, 400, "fill", "sure"),
+    ("/v1/completions", {"prompt": "x", "mode": "joint", "fill": "sure"}, 400, "fill", "threshold"),
     ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature", "greater"),
     ("/v1/completions", {"prompt": "x", "stream": True, "k": 9}, 400, "k", "maximum"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, "messages.0.content", ""),
