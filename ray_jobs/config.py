@@ -326,9 +326,9 @@ class EvaluateConfig(JobConfig):
     judge_backend: Literal["torch", "vllm", "auto"] = "torch"  # auto = vllm when it imports
     ks: list[Count] = Field([1, 2, 4, 8], min_length=1)  # fixed k of the marginal and joint sets
     # families: marginal@k, joint@k, planned@k (joint, order planned) for k in ks; threshold (marginal, tau
-    # in thresholds, at most threshold_k per pass); hybrid (joint with tau, k in hybrid_ks). The last two
-    # run only when thresholds is non-empty.
-    methods: list[Literal["marginal", "joint", "planned", "threshold", "hybrid"]] = [
+    # in thresholds, at most threshold_k per pass); hybrid (joint with tau, k in hybrid_ks); sure (the same
+    # with fill "sure", opt-in). The last three run only when thresholds is non-empty.
+    methods: list[Literal["marginal", "joint", "planned", "threshold", "hybrid", "sure"]] = [
         "marginal", "joint", "planned", "threshold", "hybrid"]
     thresholds: list[Annotated[float, Field(gt=0, le=1)]] = [0.9, 0.7, 0.5]  # confidence taus; [] = none
     threshold_k: Annotated[int, Field(strict=True, ge=2)] = 8  # the most tokens per pass of a threshold set
@@ -369,18 +369,19 @@ class EvaluateConfig(JobConfig):
     progress: bool = True
 
     def decode(self, mode: str, k: int, *, task: bool, threshold: float | None = None,
-               order: str = "rescore") -> DecodeSettings:
+               order: str = "rescore", fill: str = "k") -> DecodeSettings:
         """The decoding of one set: language samples run to gen_length, task answers stop at EOS."""
         return decode_settings(self, mode=mode, k=k, stop_at_eos=task, threshold=threshold, order=order,
-                               temperature=self.task_temperature if task else self.temperature)
+                               fill=fill, temperature=self.task_temperature if task else self.temperature)
 
     @property
     def sweeps(self) -> dict[str, list[tuple[int, float]]]:
-        """(k, tau) of the threshold sets ("threshold": marginal, "hybrid": joint) that run."""
+        """(k, tau) of the threshold sets ("threshold": marginal, "hybrid": joint, "sure": joint with fill
+        "sure") that run."""
         taus = sorted(set(self.thresholds), reverse=True)  # the surest (slowest) first
         return {"threshold": [(self.threshold_k, t) for t in taus] if "threshold" in self.methods else [],
-                "hybrid": [(k, t) for t in taus for k in sorted(set(self.hybrid_ks))]
-                if "hybrid" in self.methods else []}
+                **{m: [(k, t) for t in taus for k in sorted(set(self.hybrid_ks))] if m in self.methods else []
+                   for m in ("hybrid", "sure")}}
 
     @model_validator(mode="before")
     @classmethod
@@ -397,7 +398,8 @@ class EvaluateConfig(JobConfig):
             self.decode("exact", 1, task=True)
         except ValueError as e:  # its only own value is task_temperature
             raise ValueError(f"task_{e}") from None
-        if ({"joint", "planned"} & set(self.methods) or self.sweeps["hybrid"]) and not self.sampler:
+        joint_rows = {"joint", "planned"} & set(self.methods) or self.sweeps["hybrid"] or self.sweeps["sure"]
+        if joint_rows and not self.sampler:
             raise ValueError("sampler: joint rows need a sampler directory (from `jointgen train`)")
         if self.judge_feature_layer != -1 and self.judge_feature_layer < 1:
             raise ValueError(f"judge_feature_layer: -1 (the last layer) or a block number >= 1, got "
@@ -421,7 +423,7 @@ class QuickstartConfig(JobConfig):
     teacher_task_share: float = Field(0.4, ge=0, le=1)  # share of teacher trajectories on task prompts
     task_gen_length: Count = 16  # tokens per task answer (teacher and evaluation)
     # sized for about 15 minutes on 2 CPU cores (README); a larger run: --set train.steps=3000
-    # --set evaluate.num_samples=2000 --set evaluate.ks=[1,2,4,8] (the shipped sampler: 3000 steps)
+    # --set evaluate.num_samples=2000 --set evaluate.ks=[1,2,4,8] (the shipped sampler: 8000 steps)
     teacher: dict[str, Any] = {"num_trajectories": 1600, "batch_size": 100, "chunk_size": 200}
     train: dict[str, Any] = {
         "steps": 900, "batch_size": 32, "lr": 1.0e-3, "warmup_steps": 50, "k_max": 7, "eos_window_keep": 0.1,

@@ -87,10 +87,11 @@ def plan_sets(cfg: EvaluateConfig, kind: str) -> dict[str, SampleSet]:
                 if m == "planned":
                     sets[set_name(kind, m, k)] = SampleSet(cfg.decode("joint", k, task=task, order="planned"),
                                                            length, cfg.seed)
-    for method, mode, label in (("threshold", "marginal", "threshold"), ("hybrid", "joint", "joint")):
+    for method, mode, label, fill in (("threshold", "marginal", "threshold", "k"),
+                                      ("hybrid", "joint", "joint", "k"), ("sure", "joint", "sure", "sure")):
         for k, tau in cfg.sweeps[method]:
-            sets[set_name(kind, label, k, tau)] = SampleSet(cfg.decode(mode, k, task=task, threshold=tau),
-                                                            length, cfg.seed)
+            sets[set_name(kind, label, k, tau)] = SampleSet(
+                cfg.decode(mode, k, task=task, threshold=tau, fill=fill), length, cfg.seed)
     return sets
 
 

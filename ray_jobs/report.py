@@ -73,15 +73,18 @@ QUALITY = [  # key, label, higher is better
     ("task_validity", "task validity", True),
 ]
 # a row's `method` is its family: threshold = marginal decoding with a confidence threshold (Fast-dLLM),
-# joint+threshold = joint decoding with one (the hybrid), joint-planned = joint with order "planned"
-FAMILIES = ("exact", "marginal", "joint", "joint-planned", "threshold", "joint+threshold")
+# joint+threshold = joint decoding with one (the hybrid), joint+sure = the hybrid with fill "sure",
+# joint-planned = joint with order "planned"
+FAMILIES = ("exact", "marginal", "joint", "joint-planned", "threshold", "joint+threshold", "joint+sure")
 
 
 def family(settings: DecodeSettings) -> str:
     """The method family of a set's decoding (one of FAMILIES)."""
     if settings.threshold is None:
         return "joint-planned" if settings.mode == "joint" and settings.order == "planned" else settings.mode
-    return "threshold" if settings.mode == "marginal" else "joint+threshold"
+    if settings.mode == "marginal":
+        return "threshold"
+    return "joint+sure" if settings.fill == "sure" else "joint+threshold"
 
 
 def speed_keys(key: str) -> tuple[str, str]:
@@ -263,7 +266,8 @@ def _main_table(result: dict) -> list[str]:
             f"{features}, mean-pooled over the generated tokens. Speed: measured in this run, batch "
             f"{result['batch_size']}. `threshold`: marginal decoding with confidence threshold τ (every "
             "candidate of the block whose top probability is >= τ, at least one, at most k per full pass); "
-            "`joint+threshold`: the sure ones from the full pass, then the sampler fills up to k.",
+            "`joint+threshold`: the sure ones from the full pass, then the sampler fills up to k; "
+            "`joint+sure`: the same, but the sampler takes only what it made sure (fill \"sure\").",
             "", *lines, ""]
 
 
@@ -370,7 +374,7 @@ def plot(result: dict, out: Path) -> list[str]:
 
 
 PLOT_STYLES = {"marginal": "s--", "joint": "o-", "joint-planned": "v-", "threshold": "^:",
-               "joint+threshold": "D-."}
+               "joint+threshold": "D-.", "joint+sure": "P-."}
 
 
 def _plot_quality(result: dict, path: Path, axis: int) -> bool:

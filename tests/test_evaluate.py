@@ -12,7 +12,7 @@ import torch
 from ray_jobs.config import EvaluateConfig, validate
 from ray_jobs.evaluate import main, plan_sets, run_evaluate
 from ray_jobs.pipeline import read_outputs
-from ray_jobs.report import verdict, verdict_by_speed
+from ray_jobs.report import family, verdict, verdict_by_speed
 from sampler import JointSampler, ModelArgs, Transformer, load_backbone, save_backbone
 from sampler.backbone import load_tokenizer
 from sampler.embedded.tasks import make_task_examples
@@ -178,6 +178,13 @@ def test_plan_sets_names_and_method_selection():
     assert (s.mode, s.k, s.threshold, s.stop_at_eos) == ("marginal", 8, 0.9, False)
     fixed = validate(EvaluateConfig, {"sampler": "s", "ks": [1, 4], "methods": ["marginal", "joint"]})
     assert list(plan_sets(fixed, "task")) == ["task-exact", "task-marginal-k4", "task-joint-k4"]
+    # fill "sure" is opt-in: its own family beside the hybrid, at the hybrid's k and taus
+    sure = validate(EvaluateConfig, {"sampler": "s", "ks": [1], "thresholds": [0.9], "hybrid_ks": [8],
+                                     "methods": ["hybrid", "sure"]})
+    assert list(plan_sets(sure, "task")) == ["task-exact", "task-joint-k8-t0.9", "task-sure-k8-t0.9"]
+    s = plan_sets(sure, "task")["task-sure-k8-t0.9"].settings
+    assert (s.mode, s.k, s.threshold, s.fill) == ("joint", 8, 0.9, "sure") and family(s) == "joint+sure"
+    assert family(plan_sets(sure, "task")["task-joint-k8-t0.9"].settings) == "joint+threshold"
     # no thresholds: no threshold families, and no joint set at all, so no sampler is needed
     none = validate(EvaluateConfig, {"ks": [1, 4], "thresholds": [], "methods": ["marginal", "hybrid"]})
     assert list(plan_sets(none, "task")) == ["task-exact", "task-marginal-k4"]
