@@ -115,6 +115,12 @@ def load_split(data: str | list, identity: str, fraction: float, rank: int,
     return train, val
 
 
+# the settings that shaped a sampler, recorded in its sampler.json
+EXPORTED_TRAIN_KEYS = {"lr", "warmup_steps", "lr_schedule", "min_lr_ratio", "norm_out_lr_scale", "batch_size",
+                       "k_max", "k_weighting", "init", "sampler_layers", "loss_depths", "eos_window_keep",
+                       "next_targets", "workers", "seed"}
+
+
 def lr_factor(step: int, cfg: TrainConfig) -> float:
     """The lr multiplier at `step`: linear warm-up, then constant or a cosine down to min_lr_ratio at
     the last step (the schedule follows cfg.steps, so a resumed run with more steps stretches it)."""
@@ -522,13 +528,7 @@ def run_train(config: TrainConfig | dict[str, Any] | None = None) -> dict[str, A
     with result.checkpoint.as_directory() as d:
         sampler_dir = export_sampler(Path(d), out / "sampler", {
             "trained_steps": metrics.get("step"), "teacher_data": data,
-            "train_config": {k: getattr(cfg, k) for k in ("lr", "warmup_steps", "lr_schedule",
-                                                          "min_lr_ratio", "norm_out_lr_scale", "batch_size",
-                                                          "k_max",
-                                                          "k_weighting", "init", "sampler_layers",
-                                                          "loss_depths",
-                                                          "eos_window_keep", "next_targets", "workers",
-                                                          "seed")}})
+            "train_config": cfg.model_dump(include=EXPORTED_TRAIN_KEYS)})
     depth = unflat_depth(metrics)
     summary = {
         "sampler_dir": str(sampler_dir), "checkpoint": result.checkpoint.path, "metrics": metrics,

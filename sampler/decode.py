@@ -212,11 +212,12 @@ def unmask_step(backbone: Backbone, x: Tensor, cand: Tensor, valid: Tensor, *, c
         h = use_sampler(backbone.embed(x), h, ctx, cache)
         sampler_passes += 1
         logp, scores = read_out(backbone, h, cand, s.temperature, s.top_p, s.policy, rng)
+        now_sure = sure(logp)
         if s.fill == "sure":  # only what the sampler made sure; a row with nothing sure waits for a full pass
-            more &= (sure(logp) & more[:, None]).any(1)
+            more &= (now_sure & more[:, None]).any(1)
         else:
             picks.append(write(valid & more[:, None], logp, scores))
-        take(sure(logp) & more[:, None], logp, scores)
+        take(now_sure & valid & more[:, None], logp, scores)
         more &= valid.any(1) & (used < k)
     return picks, sampler_passes
 
