@@ -5,7 +5,8 @@ comes before a suffix.
 
 `generate` is the whole algorithm, batched, top to bottom. Only positions that can still be chosen go
 through the LM head, and the k-loop does no host synchronisation (with a threshold: one per pass, and
-one per sampler pass, to stop as soon as no row takes another token).
+one per sampler pass, to stop as soon as no row takes another token and to compute only the rows
+that go on).
 """
 
 from __future__ import annotations
@@ -164,6 +165,17 @@ def unmask_step(backbone: Backbone, x: Tensor, cand: Tensor, valid: Tensor, *, c
         logits = candidate_logits(backbone, h, cand[rows, pick][:, None])
         return h, log_probs(logits, s.temperature, s.top_p)[:, 0]
 
+    def sampler_read(h: Tensor, logp: Tensor, scores: Tensor, live: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """A sampler pass and its read-out. Without a cache only the rows that go on (`live` [B] bool)
+        are computed: the others' h, logp and scores stay as they were, and none of them is read."""
+        idx = live.nonzero().squeeze(1)
+        if cache is not None or idx.numel() == live.numel():
+            h = use_sampler(backbone.embed(x), h, ctx, cache)
+            return (h, *read_out(backbone, h, cand, s.temperature, s.top_p, s.policy, rng))
+        h_live = use_sampler(backbone.embed(x[idx]), h[idx], ctx.rows(idx))
+        lp, sc = read_out(backbone, h_live, cand[idx], s.temperature, s.top_p, s.policy, rng)
+        return h.index_copy(0, idx, h_live), logp.index_copy_(0, idx, lp), scores.index_copy_(0, idx, sc)
+
     h = backbone.hidden(x, attn_mask, ctx, cache)  # the full pass (with a cache: its planned columns)
     logp, scores = read_out(backbone, h, cand, s.temperature, s.top_p, s.policy, rng)
     picks, sampler_passes, k = [], 0, min(s.k, cand.shape[1])
@@ -209,9 +221,8 @@ def unmask_step(backbone: Backbone, x: Tensor, cand: Tensor, valid: Tensor, *, c
     # far, and takes at once any candidate it made sure; a row stops at k, the loop when no row goes on
     more = valid.any(1) & (used < k)
     while use_sampler is not None and bool(more.any()):
-        h = use_sampler(backbone.embed(x), h, ctx, cache)
+        h, logp, scores = sampler_read(h, logp, scores, more)  # only the rows that go on
         sampler_passes += 1
-        logp, scores = read_out(backbone, h, cand, s.temperature, s.top_p, s.policy, rng)
         now_sure = sure(logp)
         if s.fill == "sure":  # only what the sampler made sure; a row with nothing sure waits for a full pass
             more &= (now_sure & more[:, None]).any(1)
@@ -354,12 +365,22 @@ def generate(
         cand, valid, counts = candidates(masked, block_id)
         if cand.shape[1] == 0:
             break
-        row_passes += counts > 0
+        live = counts > 0
+        row_passes += live
         if cache is not None:  # a new block: refresh; else compute only the block (prefix: and after it)
             cache.plan(masked, block_id)
-        picks, n_sampler = unmask_step(backbone, x, cand, valid, ctx=ctx, attn_mask=attn_mask, settings=s,
-                                       sampler=sampler, rng=rng, eos_region=region if s.stop_at_eos else None,
-                                       cache=cache)
+        sub = None if cache is not None or bool(live.all()) else live.nonzero().squeeze(1)
+        if sub is None:  # every row still has candidates (or a KV cache holds every row)
+            xs, c, v, cx, am, reg = x, cand, valid, ctx, attn_mask, region
+        else:  # a finished row costs nothing: the pass runs over the rows that still have candidates
+            xs, c, v, cx, reg = x[sub], cand[sub], valid[sub], ctx.rows(sub), region[sub]
+            am = None if attn_mask is None else attn_mask[sub]
+        picks, n_sampler = unmask_step(backbone, xs, c, v, ctx=cx, attn_mask=am, settings=s, sampler=sampler,
+                                       rng=rng, eos_region=reg if s.stop_at_eos else None, cache=cache)
+        if sub is not None:
+            x[sub] = xs
+            picks = [(live.new_zeros(B).index_copy(0, sub, go), pos.new_zeros(B).index_copy(0, sub, pos))
+                     for go, pos in picks]
         full_passes, sampler_passes = full_passes + 1, sampler_passes + n_sampler
         for go, pos in picks:
             order[rows, torch.where(go, n_done, G)] = pos - span[:, 0]

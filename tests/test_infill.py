@@ -186,7 +186,11 @@ def test_eos_ends_the_span_and_the_suffix_stays(bb):
         first = r.tokens[b].index(bb.eos_id)
         assert r.tokens[b][first:] == [bb.eos_id] * (G - first) and r.order[b][-1] == first
         assert len(r.order[b]) < G  # the positions after the EOS were filled, not decoded
-        assert all(x[b, L - len(s):].tolist() == s for x in rec.seen)
+        assert all(x[b, L - len(s):].tolist() == s for x in rec.seen if len(x) == len(prompts))
+    # a pass over the rows still decoding (finished rows cost nothing) sees each row's suffix too
+    tails = [tuple(s) for s in suffixes]
+    assert any(len(x) < len(prompts) for x in rec.seen)
+    assert all(any(tuple(row[L - len(t):].tolist()) == t for t in tails) for x in rec.seen for row in x)
     assert r.text == ["", "", ""]
 
 
