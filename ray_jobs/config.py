@@ -326,10 +326,11 @@ class EvaluateConfig(JobConfig):
     judge_backend: Literal["torch", "vllm", "auto"] = "torch"  # auto = vllm when it imports
     ks: list[Count] = Field([1, 2, 4, 8], min_length=1)  # fixed k of the marginal and joint sets
     # families: marginal@k, joint@k, planned@k (joint, order planned) for k in ks; threshold (marginal, tau
-    # in thresholds, at most threshold_k per pass); hybrid (joint with tau, k in hybrid_ks); sure (the same
-    # with fill "sure", opt-in). The last three run only when thresholds is non-empty.
-    methods: list[Literal["marginal", "joint", "planned", "threshold", "hybrid", "sure"]] = [
-        "marginal", "joint", "planned", "threshold", "hybrid"]
+    # in thresholds, at most threshold_k per pass); hybrid (joint with tau, k in hybrid_ks); hybrid-planned
+    # (the same with order "planned") and sure (with fill "sure"), both opt-in. The last four run only when
+    # thresholds is non-empty.
+    methods: list[Literal["marginal", "joint", "planned", "threshold", "hybrid", "hybrid-planned",
+                          "sure"]] = ["marginal", "joint", "planned", "threshold", "hybrid"]
     thresholds: list[Annotated[float, Field(gt=0, le=1)]] = [0.9, 0.7, 0.5]  # confidence taus; [] = none
     threshold_k: Annotated[int, Field(strict=True, ge=2)] = 8  # the most tokens per pass of a threshold set
     hybrid_ks: list[Annotated[int, Field(strict=True, ge=2)]] = [4, 8]  # k of the joint+threshold sets
@@ -376,12 +377,12 @@ class EvaluateConfig(JobConfig):
 
     @property
     def sweeps(self) -> dict[str, list[tuple[int, float]]]:
-        """(k, tau) of the threshold sets ("threshold": marginal, "hybrid": joint, "sure": joint with fill
-        "sure") that run."""
+        """(k, tau) of the threshold sets ("threshold": marginal, "hybrid": joint, "hybrid-planned": joint
+        with order "planned", "sure": joint with fill "sure") that run."""
         taus = sorted(set(self.thresholds), reverse=True)  # the surest (slowest) first
         return {"threshold": [(self.threshold_k, t) for t in taus] if "threshold" in self.methods else [],
                 **{m: [(k, t) for t in taus for k in sorted(set(self.hybrid_ks))] if m in self.methods else []
-                   for m in ("hybrid", "sure")}}
+                   for m in ("hybrid", "hybrid-planned", "sure")}}
 
     @model_validator(mode="before")
     @classmethod
@@ -398,7 +399,8 @@ class EvaluateConfig(JobConfig):
             self.decode("exact", 1, task=True)
         except ValueError as e:  # its only own value is task_temperature
             raise ValueError(f"task_{e}") from None
-        joint_rows = {"joint", "planned"} & set(self.methods) or self.sweeps["hybrid"] or self.sweeps["sure"]
+        joint_rows = ({"joint", "planned"} & set(self.methods) or self.sweeps["hybrid"]
+                      or self.sweeps["hybrid-planned"] or self.sweeps["sure"])
         if joint_rows and not self.sampler:
             raise ValueError("sampler: joint rows need a sampler directory (from `jointgen train`)")
         if self.judge_feature_layer != -1 and self.judge_feature_layer < 1:

@@ -87,11 +87,14 @@ def plan_sets(cfg: EvaluateConfig, kind: str) -> dict[str, SampleSet]:
                 if m == "planned":
                     sets[set_name(kind, m, k)] = SampleSet(cfg.decode("joint", k, task=task, order="planned"),
                                                            length, cfg.seed)
-    for method, mode, label, fill in (("threshold", "marginal", "threshold", "k"),
-                                      ("hybrid", "joint", "joint", "k"), ("sure", "joint", "sure", "sure")):
+    for method, mode, label, order, fill in (
+            ("threshold", "marginal", "threshold", "rescore", "k"),
+            ("hybrid", "joint", "joint", "rescore", "k"),
+            ("hybrid-planned", "joint", "planned", "planned", "k"),
+            ("sure", "joint", "sure", "rescore", "sure")):
         for k, tau in cfg.sweeps[method]:
             sets[set_name(kind, label, k, tau)] = SampleSet(
-                cfg.decode(mode, k, task=task, threshold=tau, fill=fill), length, cfg.seed)
+                cfg.decode(mode, k, task=task, threshold=tau, order=order, fill=fill), length, cfg.seed)
     return sets
 
 

@@ -74,8 +74,9 @@ QUALITY = [  # key, label, higher is better
 ]
 # a row's `method` is its family: threshold = marginal decoding with a confidence threshold (Fast-dLLM),
 # joint+threshold = joint decoding with one (the hybrid), joint+sure = the hybrid with fill "sure",
-# joint-planned = joint with order "planned"
-FAMILIES = ("exact", "marginal", "joint", "joint-planned", "threshold", "joint+threshold", "joint+sure")
+# joint-planned = joint with order "planned", joint+threshold-planned = the hybrid with order "planned"
+FAMILIES = ("exact", "marginal", "joint", "joint-planned", "threshold", "joint+threshold",
+            "joint+threshold-planned", "joint+sure")
 
 
 def family(settings: DecodeSettings) -> str:
@@ -84,7 +85,9 @@ def family(settings: DecodeSettings) -> str:
         return "joint-planned" if settings.mode == "joint" and settings.order == "planned" else settings.mode
     if settings.mode == "marginal":
         return "threshold"
-    return "joint+sure" if settings.fill == "sure" else "joint+threshold"
+    if settings.fill == "sure":
+        return "joint+sure"
+    return "joint+threshold-planned" if settings.order == "planned" else "joint+threshold"
 
 
 def speed_keys(key: str) -> tuple[str, str]:
@@ -267,7 +270,9 @@ def _main_table(result: dict) -> list[str]:
             f"{result['batch_size']}. `threshold`: marginal decoding with confidence threshold τ (every "
             "candidate of the block whose top probability is >= τ, at least one, at most k per full pass); "
             "`joint+threshold`: the sure ones from the full pass, then the sampler fills up to k; "
-            "`joint+sure`: the same, but the sampler takes only what it made sure (fill \"sure\").",
+            "`joint+threshold-planned`: the same with the rest of k in the full pass's order "
+            "(order \"planned\"); "
+            "`joint+sure`: the hybrid, but the sampler takes only what it made sure (fill \"sure\").",
             "", *lines, ""]
 
 
@@ -374,7 +379,7 @@ def plot(result: dict, out: Path) -> list[str]:
 
 
 PLOT_STYLES = {"marginal": "s--", "joint": "o-", "joint-planned": "v-", "threshold": "^:",
-               "joint+threshold": "D-.", "joint+sure": "P-."}
+               "joint+threshold": "D-.", "joint+threshold-planned": "X-.", "joint+sure": "P-."}
 
 
 def _plot_quality(result: dict, path: Path, axis: int) -> bool:

@@ -185,6 +185,16 @@ def test_plan_sets_names_and_method_selection():
     s = plan_sets(sure, "task")["task-sure-k8-t0.9"].settings
     assert (s.mode, s.k, s.threshold, s.fill) == ("joint", 8, 0.9, "sure") and family(s) == "joint+sure"
     assert family(plan_sets(sure, "task")["task-joint-k8-t0.9"].settings) == "joint+threshold"
+    # the hybrid with the planned order is opt-in too, its own family, set names apart from fixed-k planned
+    planned = validate(EvaluateConfig, {"sampler": "s", "ks": [1, 6], "thresholds": [0.9], "hybrid_ks": [6],
+                                        "methods": ["planned", "hybrid-planned"]})
+    assert list(plan_sets(planned, "task")) == ["task-exact", "task-planned-k6", "task-planned-k6-t0.9"]
+    s = plan_sets(planned, "task")["task-planned-k6-t0.9"].settings
+    assert (s.mode, s.k, s.threshold, s.order, s.fill) == ("joint", 6, 0.9, "planned", "k")
+    assert family(s) == "joint+threshold-planned"
+    assert family(plan_sets(planned, "task")["task-planned-k6"].settings) == "joint-planned"
+    with pytest.raises(ValueError, match="sampler"):
+        validate(EvaluateConfig, {"ks": [1], "thresholds": [0.9], "methods": ["hybrid-planned"]})
     # no thresholds: no threshold families, and no joint set at all, so no sampler is needed
     none = validate(EvaluateConfig, {"ks": [1, 4], "thresholds": [], "methods": ["marginal", "hybrid"]})
     assert list(plan_sets(none, "task")) == ["task-exact", "task-marginal-k4"]
