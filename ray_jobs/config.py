@@ -399,8 +399,8 @@ class EvaluateConfig(JobConfig):
             self.decode("exact", 1, task=True)
         except ValueError as e:  # its only own value is task_temperature
             raise ValueError(f"task_{e}") from None
-        joint_rows = ({"joint", "planned"} & set(self.methods) or self.sweeps["hybrid"]
-                      or self.sweeps["hybrid-planned"] or self.sweeps["sure"])
+        sampler_sweeps = [v for m, v in self.sweeps.items() if m != "threshold"]  # all but marginal's
+        joint_rows = {"joint", "planned"} & set(self.methods) or any(sampler_sweeps)
         if joint_rows and not self.sampler:
             raise ValueError("sampler: joint rows need a sampler directory (from `jointgen train`)")
         if self.judge_feature_layer != -1 and self.judge_feature_layer < 1:
@@ -424,8 +424,8 @@ class QuickstartConfig(JobConfig):
     seed: Int = 0
     teacher_task_share: float = Field(0.4, ge=0, le=1)  # share of teacher trajectories on task prompts
     task_gen_length: Count = 16  # tokens per task answer (teacher and evaluation)
-    # sized for about 15 minutes on 2 CPU cores (README); a larger run: --set train.steps=3000
-    # --set evaluate.num_samples=2000 --set evaluate.ks=[1,2,4,8] (the shipped sampler: 8000 steps)
+    # sized for 14-16 minutes on 2 CPU cores (README); a larger run: --set train.steps=3000
+    # --set evaluate.num_samples=2000 --set evaluate.ks=[1,2,4,8] (the shipped sampler: 16000 steps)
     teacher: dict[str, Any] = {"num_trajectories": 1600, "batch_size": 100, "chunk_size": 200}
     train: dict[str, Any] = {
         "steps": 900, "batch_size": 32, "lr": 1.0e-3, "warmup_steps": 50, "k_max": 7, "eos_window_keep": 0.1,

@@ -168,8 +168,8 @@ def unmask_step(backbone: Backbone, x: Tensor, cand: Tensor, valid: Tensor, *, c
     def sampler_read(h: Tensor, logp: Tensor, scores: Tensor, live: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """A sampler pass and its read-out. Without a cache only the rows that go on (`live` [B] bool)
         are computed: the others' h, logp and scores stay as they were, and none of them is read."""
-        idx = live.nonzero().squeeze(1)
-        if cache is not None or idx.numel() == live.numel():
+        idx = None if cache is not None else live.nonzero().squeeze(1)  # a cache holds every row
+        if idx is None or idx.numel() == live.numel():
             h = use_sampler(backbone.embed(x), h, ctx, cache)
             return (h, *read_out(backbone, h, cand, s.temperature, s.top_p, s.policy, rng))
         h_live = use_sampler(backbone.embed(x[idx]), h[idx], ctx.rows(idx))
